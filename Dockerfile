@@ -1,0 +1,39 @@
+# tunequeue: API server and training worker share one image.
+FROM python:3.11-slim
+
+# Optional PyTorch wheel index URL (e.g. the CPU-only or a specific CUDA index).
+# Empty by default: the standard index, whose Linux wheels bundle CUDA.
+ARG TORCH_INDEX=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TUNEQUEUE_DATA_DIR=/data
+
+# libpq for the Postgres driver.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libpq5 \
+    && rm -rf /var/lib/apt/lists/*
+
+# Torch first, in its own layer, so code changes don't re-download it.
+RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch==2.13.0
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY migrations/ migrations/
+COPY shared/ shared/
+COPY api/ api/
+COPY worker/ worker/
+RUN pip install ".[worker]"
+
+# Run as non-root; /data holds models, adapters and datasets.
+RUN useradd --create-home --uid 1000 tunequeue \
+    && mkdir -p /data \
+    && chown tunequeue:tunequeue /data
+USER tunequeue
+VOLUME ["/data"]
+
+EXPOSE 8000
+ENTRYPOINT ["tunequeue"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

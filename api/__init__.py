@@ -1,0 +1,1 @@
+"""FastAPI app: routers only parse, call a service and shape the response."""

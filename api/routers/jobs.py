@@ -1,0 +1,79 @@
+import json
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from api.deps import DbSession, StorageDep, Tenant
+from shared.errors import InvalidRequest
+from shared.jobs import service, state
+from shared.jobs.errors import AdapterNotReady
+from shared.jobs.schemas import CheckpointObject, FineTuningJob, JobCreate, JobEventObject, Page
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("", response_model=FineTuningJob)
+def create_job(session: DbSession, tenant: Tenant, request: JobCreate):
+    return FineTuningJob.of(service.create_job(session, tenant, request))
+
+
+@router.get("", response_model=Page)
+def list_jobs(session: DbSession, tenant: Tenant, http: Request, after: str | None = None,
+              limit: int = Query(20, ge=1, le=100)):
+    jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
+    data = [FineTuningJob.of(j) for j in jobs[:limit]]
+    return Page(data=data, has_more=len(jobs) > limit)
+
+
+def _metadata_filter(http: Request) -> dict[str, str] | None:
+    # The SDK sends metadata={"k": "v"} as the query parameters metadata[k]=v.
+    found = {key[9:-1]: value for key, value in http.query_params.items() if key.startswith("metadata[")}
+    raw = http.query_params.get("metadata")
+    if raw:
+        try:
+            found.update(json.loads(raw))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InvalidRequest("metadata must be a JSON object of strings", param="metadata") from exc
+    return found or None
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def retrieve_job(session: DbSession, tenant: Tenant, job_id: str):
+    return FineTuningJob.of(service.get_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(session: DbSession, tenant: Tenant, job_id: str):
+    return FineTuningJob.of(service.cancel_job(session, tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page)
+def list_events(session: DbSession, tenant: Tenant, job_id: str, after: str | None = None,
+                limit: int = Query(20, ge=1, le=1000)):
+    job = service.get_job(session, tenant, job_id)
+    events = service.list_events(session, job, after=after, limit=limit + 1)
+    return Page(data=[JobEventObject.of(e) for e in events[:limit]], has_more=len(events) > limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page)
+def list_checkpoints(session: DbSession, tenant: Tenant, job_id: str, after: str | None = None,
+                     limit: int = Query(10, ge=1, le=100)):
+    job = service.get_job(session, tenant, job_id)
+    checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
+    name = service.fine_tuned_model_name(job)
+    data = [CheckpointObject.of(c, name) for c in checkpoints[:limit]]
+    return Page(data=data, has_more=len(checkpoints) > limit,
+                first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+
+
+@router.get("/{job_id}/adapter")
+def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str):
+    """tunequeue's own: the trained adapter as a zip (adapter_config.json, adapter_model.safetensors, manifest.json)."""
+    job = service.get_job(session, tenant, job_id)
+    if job.status != state.SUCCEEDED or not job.adapter_key:
+        raise AdapterNotReady(job_id, job.status)
+    return StreamingResponse(
+        storage.iter_chunks(job.adapter_key), media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"',
+                 "X-Adapter-SHA256": job.adapter_sha256 or ""},
+    )

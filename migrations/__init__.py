@@ -1,0 +1,1 @@
+"""Alembic migrations; run them with `tunequeue db upgrade` (see `shared.migrate`)."""

@@ -1,0 +1,99 @@
+"""Base models: imported once into the model store (files in object storage, a row here); each worker
+keeps a verified local copy."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.basemodels.errors import UnknownBaseModel
+from shared.basemodels.models import BaseModelRecord
+from shared.ids import now
+from shared.storage import Storage
+
+_VERIFIED_MARKER = ".tunequeue-verified.json"
+
+
+def list_base_models(session: Session) -> list[BaseModelRecord]:
+    return list(session.scalars(select(BaseModelRecord).order_by(BaseModelRecord.id)))
+
+
+def get_base_model(session: Session, model_id: str) -> BaseModelRecord:
+    record = session.get(BaseModelRecord, model_id)
+    if record is None:
+        raise UnknownBaseModel(model_id, [m.id for m in list_base_models(session)])
+    return record
+
+
+def register_base_model(
+    session: Session, storage: Storage, *, model_id: str, folder: Path, source: str, architecture: str, parameters: int
+) -> BaseModelRecord:
+    """Upload an imported model folder to storage and record it (replacing an earlier import of the id)."""
+    prefix = f"models/{model_id}"
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        _, sha256 = storage.put_file(f"{prefix}/{path.name}", path)
+        files[path.name] = sha256
+    record = session.get(BaseModelRecord, model_id) or BaseModelRecord(id=model_id)
+    record.source = source
+    record.storage_prefix = prefix
+    record.architecture = architecture
+    record.parameters = parameters
+    record.files = files
+    record.created_at = now()
+    session.merge(record)
+    session.flush()
+    _mark_verified(folder, files)
+    return record
+
+
+def describe_folder(folder: Path) -> dict:
+    """Architecture and parameter count of a Hugging Face model folder, read from config.json and the
+    safetensors headers (no torch needed)."""
+    config_path = folder / "config.json"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not config_path.is_file() or not weights:
+        raise FileNotFoundError(f"{folder} needs config.json and *.safetensors (a Hugging Face model folder)")
+    config = json.loads(config_path.read_text())
+    parameters = 0
+    for path in weights:
+        with open(path, "rb") as stream:
+            header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                parameters += math.prod(tensor["shape"])
+    return {"architecture": (config.get("architectures") or ["unknown"])[0], "parameters": parameters}
+
+
+def ensure_local_copy(record: BaseModelRecord, storage: Storage, model_dir: Path) -> Path:
+    """Return a local folder holding exactly the recorded files, downloading what is missing or stale."""
+    folder = model_dir / record.id
+    marker = folder / _VERIFIED_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == record.files:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, expected in record.files.items():
+        path = folder / name
+        if path.is_file() and _sha256(path) == expected:
+            continue
+        actual = storage.download(f"{record.storage_prefix}/{name}", path)
+        if actual != expected:
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"model file {name} of {record.id} failed its checksum")
+    _mark_verified(folder, record.files)
+    return folder
+
+
+def _mark_verified(folder: Path, files: dict) -> None:
+    (folder / _VERIFIED_MARKER).write_text(json.dumps(files, sort_keys=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

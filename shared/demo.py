@@ -1,0 +1,149 @@
+"""`tunequeue demo` (what `make demo` runs): import the demo model, start the API and a worker, upload the
+sample data, fine-tune, follow it with a progress bar, download the adapter, compare base and tuned answers."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from shared.settings import get_settings
+
+SAMPLE = Path("data/sample")
+
+
+def run(port: int, epochs: int) -> int:
+    started = time.monotonic()
+    ensure_model()
+    base_url = f"http://127.0.0.1:{port}"
+    processes = start_services(port)
+    try:
+        client = httpx.Client(base_url=base_url, timeout=60)
+        wait_ready(client)
+        job = submit(client, epochs)
+        job = follow(client, job["id"])
+        if job["status"] != "succeeded":
+            print(f"\nThe job ended {job['status']}: {job.get('error')}")
+            return 1
+        adapter = download(client, job["id"])
+        compare(adapter)
+        print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Adapter: {adapter}")
+        return 0
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def ensure_model() -> None:
+    from shared import migrate
+
+    migrate.upgrade()
+    from shared.basemodels.models import BaseModelRecord
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        present = session.get(BaseModelRecord, "smollm2-135m-instruct") is not None
+    if not present:
+        subprocess.run([sys.executable, "-m", "shared.cli", "models", "import-demo"], check=True)
+
+
+def start_services(port: int) -> list[subprocess.Popen]:
+    from shared.cli import worker_command
+
+    logs = get_settings().resolved_data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"Starting the API on port {port} and one worker (logs in {logs})")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(logs / "api.log", "ab"), stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(worker_command(), stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
+    return [api, worker]
+
+
+def wait_ready(client: httpx.Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the API did not become ready; see .tunequeue/logs/api.log")
+
+
+def submit(client: httpx.Client, epochs: int) -> dict:
+    with open(SAMPLE / "train.jsonl", "rb") as stream:
+        uploaded = client.post("/v1/files", files={"file": ("train.jsonl", stream)}, data={"purpose": "fine-tune"})
+    uploaded.raise_for_status()
+    print(f"Uploaded {SAMPLE / 'train.jsonl'} as {uploaded.json()['id']}")
+    body = {
+        "model": "smollm2-135m-instruct",
+        "training_file": uploaded.json()["id"],
+        "suffix": "parrot",
+        "seed": 7,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": epochs}}},
+    }
+    response = client.post("/v1/fine_tuning/jobs", json=body)
+    response.raise_for_status()
+    job = response.json()
+    print(f"Submitted {job['id']}: {job['hyperparameters']}")
+    return job
+
+
+def follow(client: httpx.Client, job_id: str) -> dict:
+    bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True)
+    while True:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        progress = job.get("progress") or {}
+        if progress:
+            bar.total = progress["total_steps"]
+            bar.n = progress["step"]
+            bar.set_description(f"{job['status']} epoch {progress['epoch']}")
+            bar.set_postfix(loss=f"{progress['train_loss']:.3f}", tok_s=f"{progress['tokens_per_second']:.0f}")
+        else:
+            bar.set_description(job["status"])
+        bar.refresh()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            bar.close()
+            return job
+        time.sleep(1)
+
+
+def download(client: httpx.Client, job_id: str) -> Path:
+    target = get_settings().resolved_data_dir / "adapters" / job_id
+    target.mkdir(parents=True, exist_ok=True)
+    response = client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")
+    response.raise_for_status()
+    with tempfile.NamedTemporaryFile(suffix=".zip") as archive:
+        archive.write(response.content)
+        archive.flush()
+        zipfile.ZipFile(archive.name).extractall(target)
+    print(f"Downloaded the adapter ({len(response.content):,} bytes): {sorted(os.listdir(target))}")
+    return target
+
+
+def compare(adapter: Path) -> None:
+    base = get_settings().resolved_model_dir / "smollm2-135m-instruct"
+    results = {}
+    for name, extra in (("base", []), ("tuned", ["--adapter", str(adapter)])):
+        output = subprocess.run(
+            [sys.executable, "-m", "worker.training.evaluate", "--base", str(base), "--data",
+             str(SAMPLE / "heldout.jsonl"), "--generate", "5", *extra],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        results[name] = json.loads(output.strip().splitlines()[-1])
+    print(f"\nHeld-out loss (assistant tokens, {results['base']['tokens']} tokens): "
+          f"base {results['base']['loss']:.3f} -> tuned {results['tuned']['loss']:.3f}\n")
+    for prompt, before, after in zip(results["base"]["prompts"], results["base"]["generations"],
+                                     results["tuned"]["generations"], strict=True):
+        print(f"Q: {prompt}\n  base : {before}\n  tuned: {after}\n")

@@ -1,0 +1,34 @@
+from typing import Literal
+
+from pydantic import BaseModel
+
+from shared.files.models import File
+
+
+class FileObject(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+
+    @classmethod
+    def of(cls, file: File) -> "FileObject":
+        return cls(
+            id=file.id,
+            bytes=file.bytes,
+            created_at=file.created_at,
+            filename=file.filename,
+            purpose=file.purpose,
+            status=file.status,
+        )
+
+
+class FileDeleted(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool = True

@@ -1,0 +1,108 @@
+"""What a worker may write about a job it has claimed. Every write after the claim is fenced by `attempt`:
+a worker whose attempt is stale (the job was re-claimed or finished) changes nothing."""
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.ids import new_id, now
+from shared.jobs import state
+from shared.jobs.models import Checkpoint, Job, JobEvent
+
+
+def claim_job(session: Session, job_id: str, worker: str) -> int | None:
+    """queued → running with attempt+1; returns the new attempt, or None if another worker has the job."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != state.QUEUED or job.cancel_requested:
+        return None
+    attempt = job.attempt + 1
+    won = state.transition(
+        session,
+        job_id,
+        state.RUNNING,
+        expect={state.QUEUED},
+        fenced_attempt=job.attempt,
+        message=f"Fine-tuning job started (attempt {attempt}, worker {worker})",
+        attempt=attempt,
+        worker=worker,
+        started_at=now(),
+    )
+    return attempt if won else None
+
+
+def is_current(session: Session, job_id: str, attempt: int) -> bool:
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    return row is not None and row.status == state.RUNNING and row.attempt == attempt
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def add_event(
+    session: Session, job_id: str, attempt: int, message: str, *, type: str = "message", level: str = "info",
+    data: dict | None = None,
+) -> bool:
+    if not is_current(session, job_id, attempt):
+        return False
+    session.add(
+        JobEvent(job_id=job_id, attempt=attempt, created_at=now(), level=level, type=type, message=message, data=data)
+    )
+    session.flush()
+    return True
+
+
+def record_metrics(session: Session, job_id: str, attempt: int, metrics: dict) -> bool:
+    """A metrics event plus the job's live progress and estimated finish."""
+    eta = metrics.get("eta_seconds")
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status == state.RUNNING)
+        .values(
+            progress=metrics,
+            estimated_finish=now() + int(eta) if eta is not None else None,
+            updated_at=now(),
+        )
+    ).rowcount
+    if not changed:
+        return False
+    message = f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"
+    return add_event(session, job_id, attempt, message, type="metrics", data=metrics)
+
+
+def record_checkpoint(
+    session: Session, job_id: str, attempt: int, *, step: int, metrics: dict, storage_key: str, sha256: str
+) -> Checkpoint | None:
+    if not is_current(session, job_id, attempt):
+        return None
+    checkpoint = Checkpoint(
+        id=new_id("ftckpt"),
+        job_id=job_id,
+        attempt=attempt,
+        step=step,
+        metrics=metrics,
+        storage_key=storage_key,
+        sha256=sha256,
+        created_at=now(),
+    )
+    session.add(checkpoint)
+    add_event(session, job_id, attempt, f"Checkpoint saved at step {step}", data={"step": step})
+    return checkpoint
+
+
+def succeed_job(session: Session, job_id: str, attempt: int, **values) -> bool:
+    return state.transition(session, job_id, state.SUCCEEDED, expect={state.RUNNING}, fenced_attempt=attempt, **values)
+
+
+def fail_job(session: Session, job_id: str, attempt: int | None, code: str, message: str, param: str | None = None) -> bool:
+    return state.transition(
+        session,
+        job_id,
+        state.FAILED,
+        fenced_attempt=attempt,
+        message=f"The job has failed: {message}",
+        error={"code": code, "message": message, "param": param},
+    )
+
+
+def cancel_running_job(session: Session, job_id: str, attempt: int) -> bool:
+    return state.transition(session, job_id, state.CANCELLED, expect={state.RUNNING}, fenced_attempt=attempt)

@@ -1,0 +1,209 @@
+"""Request and response shapes of the fine-tuning API: OpenAI's fields, with tunequeue's QLoRA knobs beside
+them. Unknown fields are refused so that a typo ("lora_rank") is an error, not a silent default."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.jobs.models import Checkpoint, Job, JobEvent
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Literal["auto"] | int = Field(default="auto")
+    batch_size: Literal["auto"] | int = Field(default="auto")
+    learning_rate_multiplier: Literal["auto"] | float = Field(default="auto")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, value):
+        if value != "auto" and not 1 <= value <= 50:
+            raise ValueError("must be 'auto' or an integer from 1 to 50")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value):
+        if value != "auto" and not 1 <= value <= 256:
+            raise ValueError("must be 'auto' or an integer from 1 to 256")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr(cls, value):
+        if value != "auto" and not 0 < value <= 100:
+            raise ValueError("must be 'auto' or a number above 0 and at most 100")
+        return value
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of `method`
+    method: Method | None = None
+    integrations: list[Any] | None = None
+    # tunequeue's QLoRA knobs
+    lora_r: int = Field(default=16, ge=1, le=1024)
+    lora_alpha: float = Field(default=32, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    max_seq_length: int = Field(default=1024, ge=16, le=131072)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value):
+        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError("at most 16 keys, keys up to 64 and values up to 512 characters")
+        return value
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, value):
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ValueError("must be 'all-linear' or a non-empty list of module names")
+        return value
+
+    def requested_hyperparameters(self) -> Hyperparameters:
+        if self.method and self.method.supervised:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+    def training_options(self) -> dict:
+        return {
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "lora_target_modules": self.lora_target_modules,
+            "quantization": self.quantization,
+            "max_seq_length": self.max_seq_length,
+        }
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: dict
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None
+    integrations: list = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    method: dict
+    user_provided_suffix: str | None = None
+    # tunequeue's additions
+    training_options: dict
+    progress: dict | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> "FineTuningJob":
+        return cls(
+            id=job.id,
+            created_at=job.created_at,
+            error=JobError(**job.error) if job.error else None,
+            fine_tuned_model=job.fine_tuned_model,
+            finished_at=job.finished_at,
+            hyperparameters=job.hyperparameters,
+            model=job.model,
+            organization_id=job.tenant,
+            result_files=job.result_files or [],
+            seed=job.seed,
+            status=job.status,
+            trained_tokens=job.trained_tokens,
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            estimated_finish=job.estimated_finish,
+            metadata=job.user_metadata,
+            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+            user_provided_suffix=job.suffix,
+            training_options=job.training_options,
+            progress=job.progress,
+        )
+
+
+class JobEventObject(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict | None = None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> "JobEventObject":
+        return cls(
+            id=f"ftevent-{event.seq}",
+            created_at=event.created_at,
+            level=event.level,
+            message=event.message,
+            type=event.type,
+            data=event.data,
+        )
+
+
+class CheckpointObject(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict
+    step_number: int
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, fine_tuned_model_base: str) -> "CheckpointObject":
+        return cls(
+            id=checkpoint.id,
+            created_at=checkpoint.created_at,
+            fine_tuned_model_checkpoint=f"{fine_tuned_model_base}:ckpt-step-{checkpoint.step}",
+            fine_tuning_job_id=checkpoint.job_id,
+            metrics={"step": checkpoint.step, **checkpoint.metrics},
+            step_number=checkpoint.step,
+        )
+
+
+class Page(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

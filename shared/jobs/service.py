@@ -1,0 +1,150 @@
+"""Fine-tuning jobs: creation, queries and cancel for the API; claim, progress and completion for workers.
+Services flush; the caller commits. Publishing a task is registered to run after the commit."""
+
+import math
+import random
+
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from shared.basemodels.service import get_base_model
+from shared.db import after_commit
+from shared.files.service import get_file
+from shared.ids import new_id, now
+from shared.jobs import state
+from shared.jobs.errors import JobNotCancellable, JobNotFound
+from shared.jobs.models import Checkpoint, Job, JobEvent
+from shared.jobs.schemas import Hyperparameters, JobCreate
+from shared.queue import VALIDATE_TASK, publish
+
+BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multiplier scales it
+DEFAULT_BATCH_SIZE = 8
+TARGET_EXAMPLE_PASSES = 600  # "auto" epochs: about this many examples seen, 1 to 10 epochs
+FEW_STEPS = 300  # "auto" learning rate: a short run (fewer optimizer steps) takes larger ones
+FEW_STEPS_MULTIPLIER = 2.5
+
+
+def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict:
+    n_epochs = requested.n_epochs
+    if n_epochs == "auto":
+        n_epochs = max(1, min(10, math.ceil(TARGET_EXAMPLE_PASSES / max(n_examples, 1))))
+    batch_size = requested.batch_size
+    if batch_size == "auto":
+        batch_size = max(1, min(DEFAULT_BATCH_SIZE, n_examples))
+    multiplier = requested.learning_rate_multiplier
+    if multiplier == "auto":
+        steps = n_epochs * math.ceil(max(n_examples, 1) / batch_size)
+        multiplier = FEW_STEPS_MULTIPLIER if steps < FEW_STEPS else 1.0
+    return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": float(multiplier)}
+
+
+def create_job(session: Session, tenant: str, request: JobCreate) -> Job:
+    get_base_model(session, request.model)
+    training = get_file(session, tenant, request.training_file, param="training_file")
+    if request.validation_file:
+        get_file(session, tenant, request.validation_file, param="validation_file")
+    timestamp = now()
+    job = Job(
+        id=new_id("ftjob"),
+        tenant=tenant,
+        status=state.VALIDATING,
+        model=request.model,
+        training_file=training.id,
+        validation_file=request.validation_file,
+        suffix=request.suffix or None,
+        seed=request.seed if request.seed is not None else random.randint(0, 2**31 - 1),
+        hyperparameters=resolve_hyperparameters(request.requested_hyperparameters(), training.line_count),
+        training_options=request.training_options(),
+        user_metadata=request.metadata,
+        result_files=[],
+        attempt=0,
+        cancel_requested=False,
+        created_at=timestamp,
+        updated_at=timestamp,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, created_at=timestamp, message=f"Created fine-tuning job: {job.id}"))
+    session.flush()
+    job_id = job.id
+    after_commit(session, lambda: publish(VALIDATE_TASK, job_id))
+    return job
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.tenant != tenant:
+        raise JobNotFound(job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> list[Job]:
+    query = select(Job).where(Job.tenant == tenant)
+    if after:
+        cursor = get_job(session, tenant, after)
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()))
+    if metadata:  # JSON containment differs between Postgres and SQLite; filter in Python
+        jobs = (j for j in jobs if all((j.user_metadata or {}).get(k) == v for k, v in metadata.items()))
+    selected = []
+    for job in jobs:
+        selected.append(job)
+        if len(selected) >= limit:
+            break
+    return selected
+
+
+def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
+    """Queued or validating jobs are cancelled at once; a running job is flagged and its worker stops it."""
+    job = get_job(session, tenant, job_id)
+    if job.status in state.TERMINAL:
+        raise JobNotCancellable(job_id, job.status)
+    if state.transition(session, job_id, state.CANCELLED, expect={state.VALIDATING, state.QUEUED, state.PAUSED}):
+        return get_job(session, tenant, job_id)
+    session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True, updated_at=now()))
+    session.add(JobEvent(job_id=job_id, attempt=job.attempt, created_at=now(), message="Cancellation requested"))
+    session.flush()
+    return get_job(session, tenant, job_id)
+
+
+def list_events(session: Session, job: Job, *, after: str | None, limit: int) -> list[JobEvent]:
+    """Newest first, as OpenAI returns them; `after` is the id of the last event already seen."""
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after:
+        query = query.where(JobEvent.seq < _event_seq(after))
+    return list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit)))
+
+
+def _event_seq(event_id: str) -> int:
+    try:
+        return int(event_id.removeprefix("ftevent-"))
+    except ValueError:
+        from shared.errors import InvalidRequest
+
+        raise InvalidRequest(f"after must be an event id like 'ftevent-12', got {event_id!r}", param="after")
+
+
+def list_checkpoints(session: Session, job: Job, *, after: str | None, limit: int) -> list[Checkpoint]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after:
+        cursor = session.get(Checkpoint, after)
+        if cursor is not None:
+            query = query.where(Checkpoint.step < cursor.step)
+    return list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit)))
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def counts_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    counts = dict.fromkeys(state.ALL_STATUSES, 0)
+    counts.update({status: count for status, count in rows})
+    return counts
+
+
+def recent_failures(session: Session, limit: int = 10) -> list[Job]:
+    query = select(Job).where(Job.status == state.FAILED).order_by(Job.finished_at.desc()).limit(limit)
+    return list(session.scalars(query))

@@ -1,0 +1,92 @@
+"""The job state machine. Every status write goes through `transition`, a conditional UPDATE: it changes the
+row only if the job is in a state the table allows (and, for worker writes, only if the attempt still
+matches), so two racing writers cannot both win and a terminal state is final."""
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from shared.ids import now
+from shared.jobs.models import Job, JobEvent
+
+VALIDATING = "validating_files"
+QUEUED = "queued"
+RUNNING = "running"
+PAUSED = "paused"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = frozenset({VALIDATING, QUEUED, RUNNING, PAUSED})
+ALL_STATUSES = (VALIDATING, QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
+
+ALLOWED: dict[str, frozenset[str]] = {
+    VALIDATING: frozenset({QUEUED, FAILED, CANCELLED}),
+    QUEUED: frozenset({RUNNING, FAILED, CANCELLED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, PAUSED, QUEUED}),
+    PAUSED: frozenset({QUEUED, FAILED, CANCELLED}),
+}
+
+
+def sources_of(target: str) -> set[str]:
+    return {source for source, targets in ALLOWED.items() if target in targets}
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    target: str,
+    *,
+    expect: set[str] | None = None,
+    fenced_attempt: int | None = None,
+    message: str | None = None,
+    **values: Any,
+) -> bool:
+    """Move a job to `target` if allowed; returns whether this call made the change."""
+    sources = sources_of(target)
+    if expect is not None:
+        sources &= expect
+    if not sources:
+        raise ValueError(f"no allowed transition into {target!r} from {expect}")
+    timestamp = now()
+    statement = update(Job).where(Job.id == job_id, Job.status.in_(sources))
+    if fenced_attempt is not None:
+        statement = statement.where(Job.attempt == fenced_attempt)
+    if target in TERMINAL:
+        values.setdefault("finished_at", timestamp)
+        values.setdefault("estimated_finish", None)
+    result = session.execute(
+        statement.values(status=target, updated_at=timestamp, **values).execution_options(
+            synchronize_session=False
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    current_attempt = session.get(Job, job_id, populate_existing=True)
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            attempt=current_attempt.attempt if current_attempt else 0,
+            created_at=timestamp,
+            level="error" if target == FAILED else "info",
+            type="message",
+            message=message or status_message(target),
+            data={"status": target},
+        )
+    )
+    session.flush()
+    return True
+
+
+def status_message(status: str) -> str:
+    return {
+        VALIDATING: "Validating training file",
+        QUEUED: "Files validated, job queued",
+        RUNNING: "Fine-tuning job started",
+        PAUSED: "Fine-tuning job paused",
+        SUCCEEDED: "The job has successfully completed",
+        FAILED: "The job has failed",
+        CANCELLED: "The job was cancelled",
+    }[status]

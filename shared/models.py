@@ -1,0 +1,9 @@
+"""Every ORM model, imported in one place so that metadata (Alembic, tests) sees all tables."""
+
+from shared.basemodels.models import BaseModelRecord
+from shared.db import Base
+from shared.files.models import File
+from shared.jobs.models import Checkpoint, Job, JobEvent
+from shared.workers.models import WorkerHeartbeat
+
+__all__ = ["Base", "BaseModelRecord", "Checkpoint", "File", "Job", "JobEvent", "WorkerHeartbeat"]

@@ -1,0 +1,60 @@
+"""Runtime settings. With nothing set, tunequeue runs on embedded defaults under `./.tunequeue/`:
+SQLite for the database, kombu's SQLAlchemy transport on SQLite for the broker, a local folder for storage.
+Production sets `TUNEQUEUE_DATABASE_URL` (Postgres), `TUNEQUEUE_BROKER_URL` (Redis) and
+`TUNEQUEUE_STORAGE_URL` (`s3://bucket/prefix` with `TUNEQUEUE_S3_ENDPOINT_URL` for MinIO)."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEQUEUE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".tunequeue"), description="Folder for embedded-mode state and models")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    broker_url: str | None = Field(default=None, description="Celery broker; default SQLAlchemy on SQLite")
+    storage_url: str | None = Field(default=None, description="file:///path or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, ...)")
+    model_dir: Path | None = Field(default=None, description="Local base-model cache; default data_dir/models")
+    queue_name: str = Field(default="tunequeue", description="Celery queue that training jobs go to")
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Largest accepted upload")
+    heartbeat_seconds: float = Field(default=10.0, description="Worker heartbeat interval")
+    metrics_interval_seconds: float = Field(default=2.0, description="Least time between metric events")
+    cancel_poll_seconds: float = Field(default=1.0, description="How often a worker checks for cancel")
+    checkpoint_every_steps: int = Field(default=25, description="Steps between checkpoints (0: none)")
+    training_python: str | None = Field(default=None, description="Python that runs the recipe")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'tunequeue.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.resolved_data_dir / 'broker.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.resolved_data_dir / 'storage'}"
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return (self.model_dir or self.resolved_data_dir / "models").expanduser().resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    if settings.embedded or settings.storage_url is None:
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    return settings

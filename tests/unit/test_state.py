@@ -1,0 +1,75 @@
+"""The job state machine on a real (SQLite) database: allowed moves, terminal states, attempt fencing."""
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from shared.ids import now
+from shared.jobs import execution, state
+from shared.jobs.models import Job, JobEvent
+from shared.models import Base
+
+
+@pytest.fixture
+def session(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        yield session
+
+
+def add_job(session, status=state.QUEUED) -> str:
+    job = Job(id="ftjob-1", status=status, model="m", training_file="file-1", seed=1, hyperparameters={},
+              training_options={}, result_files=[], created_at=now(), updated_at=now(), attempt=0,
+              cancel_requested=False, tenant="t")
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+def status(session, job_id):
+    return session.get(Job, job_id, populate_existing=True).status
+
+
+def test_claim_increments_attempt_and_only_once(session):
+    job_id = add_job(session)
+    assert execution.claim_job(session, job_id, "w1") == 1
+    assert execution.claim_job(session, job_id, "w2") is None
+    job = session.get(Job, job_id)
+    assert (job.status, job.attempt, job.worker) == (state.RUNNING, 1, "w1")
+
+
+def test_terminal_states_are_final(session):
+    job_id = add_job(session)
+    attempt = execution.claim_job(session, job_id, "w")
+    assert execution.succeed_job(session, job_id, attempt, fine_tuned_model="ft:x")
+    for target in (state.FAILED, state.CANCELLED, state.RUNNING, state.QUEUED):
+        assert not state.transition(session, job_id, target)
+    assert status(session, job_id) == state.SUCCEEDED
+
+
+def test_stale_attempt_changes_nothing(session):
+    job_id = add_job(session)
+    attempt = execution.claim_job(session, job_id, "w")
+    assert not execution.succeed_job(session, job_id, attempt + 1)
+    assert not execution.add_event(session, job_id, attempt + 1, "from a stale worker")
+    assert not execution.record_metrics(session, job_id, attempt + 1, {"step": 1, "total_steps": 2, "train_loss": 1.0})
+    assert status(session, job_id) == state.RUNNING
+    assert all("stale" not in e.message for e in session.query(JobEvent))
+
+
+def test_queued_job_cannot_succeed_directly(session):
+    job_id = add_job(session)
+    assert not state.transition(session, job_id, state.SUCCEEDED)
+    with pytest.raises(ValueError):
+        state.transition(session, job_id, state.SUCCEEDED, expect={state.QUEUED})
+
+
+def test_every_transition_writes_an_event(session):
+    job_id = add_job(session, state.VALIDATING)
+    state.transition(session, job_id, state.QUEUED)
+    attempt = execution.claim_job(session, job_id, "w")
+    execution.fail_job(session, job_id, attempt, "training_error", "boom")
+    events = [e.data["status"] for e in session.query(JobEvent).order_by(JobEvent.seq) if e.data]
+    assert events == [state.QUEUED, state.RUNNING, state.FAILED]
+    assert session.get(Job, job_id).error == {"code": "training_error", "message": "boom", "param": None}

@@ -1,0 +1,52 @@
+"""`celery -A worker.app worker`: the Celery app with tasks registered, plus the worker heartbeat."""
+
+import os
+import threading
+
+from celery import signals
+
+from shared.db import session_scope
+from shared.ids import now
+from shared.settings import get_settings
+from shared.workers.models import WorkerHeartbeat
+from worker import tasks
+
+app = tasks.app
+_stop = threading.Event()
+
+
+def beat_once(hostname: str, started_at: int) -> None:
+    with session_scope() as session:
+        session.merge(
+            WorkerHeartbeat(
+                hostname=hostname,
+                pid=os.getpid(),
+                started_at=started_at,
+                last_heartbeat=now(),
+                current_jobs=[],
+                info={"queue": get_settings().queue_name},
+            )
+        )
+
+
+def _heartbeat_loop(hostname: str) -> None:
+    started_at = now()
+    while not _stop.is_set():
+        try:
+            beat_once(hostname, started_at)
+        except Exception:  # the database may be briefly away; the next beat retries
+            pass
+        _stop.wait(get_settings().heartbeat_seconds)
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_):
+    hostname = getattr(sender, "hostname", None) or tasks.worker_name()
+    threading.Thread(target=_heartbeat_loop, args=(hostname,), daemon=True, name="tunequeue-heartbeat").start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_):
+    _stop.set()
+
+

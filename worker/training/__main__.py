@@ -1,0 +1,44 @@
+"""`python -m worker.training --config cfg.json --out DIR`: run the recipe with no service around it.
+Exit codes: 0 done, 2 bad data or config (a user error), 1 anything else."""
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from worker.training.reporter import StdoutJsonReporter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="TrainingConfig as JSON")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (adapter/, checkpoints/)")
+    args = parser.parse_args(argv)
+    reporter = StdoutJsonReporter()
+    from worker.training.config import TrainingConfig
+
+    try:
+        config = TrainingConfig.from_file(args.config)
+    except (ValidationError, ValueError, OSError) as exc:
+        reporter.event("error", code="invalid_config", message=str(exc))
+        return 2
+    from worker.training.data import DatasetError
+    from worker.training.recipe import train
+
+    try:
+        train(config, args.out, reporter)
+    except DatasetError as exc:
+        reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
+        return 2
+    except Exception as exc:  # reported to the worker, which fails the job with this code and message
+        code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
+        traceback.print_exc()
+        reporter.event("error", code=code, message=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

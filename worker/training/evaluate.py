@@ -1,0 +1,82 @@
+"""Held-out loss and greedy generations, for a base model with or without an adapter.
+
+    python -m worker.training.evaluate --base DIR [--adapter DIR] --data heldout.jsonl [--generate N]
+
+prints one JSON object: {"loss": ..., "tokens": ..., "generations": [...]}. The adapter is loaded with plain
+`peft.PeftModel.from_pretrained`, as a user would."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from worker.training import data as chat_data
+from worker.training.model import COMPUTE_DTYPE, load_tokenizer
+
+
+def load_for_inference(base: Path, adapter: Path | None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=COMPUTE_DTYPE)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, path: Path, max_seq_length: int = 1024) -> tuple[float, int]:
+    """Mean loss per assistant token over a chat JSONL file."""
+    total, tokens = 0.0, 0
+    for example in chat_data.encode_file(tokenizer, path, max_seq_length):
+        batch = chat_data.collate([example], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=chat_data.IGNORE_INDEX, reduction="sum"
+        )
+        total += float(loss)
+        tokens += int((target != chat_data.IGNORE_INDEX).sum())
+    return total / max(tokens, 1), tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def first_user_prompts(path: Path, n: int) -> list[str]:
+    prompts = []
+    for _, messages in chat_data.read_chat_jsonl(path)[:n]:
+        prompts.append(next(m["content"] for m in messages if m["role"] == "user"))
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.training.evaluate", description=__doc__)
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--generate", type=int, default=0, help="greedy answers to the first N prompts")
+    args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.base)
+    model = load_for_inference(args.base, args.adapter)
+    loss, tokens = heldout_loss(model, tokenizer, args.data)
+    prompts = first_user_prompts(args.data, args.generate)
+    result = {"loss": loss, "tokens": tokens, "prompts": prompts, "generations": generate(model, tokenizer, prompts)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The base model under bitsandbytes quantisation, with 16-bit LoRA adapters from PEFT on top."""
+
+from pathlib import Path
+
+import torch
+
+COMPUTE_DTYPE = torch.bfloat16  # bf16 compute on GPUs and on CPUs with avx512_bf16/AMX
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantization_config(quantization: str):
+    from transformers import BitsAndBytesConfig
+
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(path: Path, quantization: str = "nf4"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(quantization),
+        dtype=COMPUTE_DTYPE,
+        device_map=device(),
+    )
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
