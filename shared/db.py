@@ -2,6 +2,7 @@
 transaction; services only `flush()`. Work that must happen only once the transaction is durable (publishing
 a task) is registered with `after_commit` and dropped on rollback."""
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -12,6 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from shared.settings import get_settings
 
 _AFTER_COMMIT = "tunequeue_after_commit"
+log = logging.getLogger("tunequeue.db")
 
 
 class Base(DeclarativeBase):
@@ -55,9 +57,13 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
 
 
 def _run_after_commit(session: Session) -> None:
-    callbacks = session.info.pop(_AFTER_COMMIT, [])
-    for callback in callbacks:
-        callback()
+    # The data is durable by now: a failing callback (the broker is down) is logged, not raised, so the
+    # caller still gets its answer. The job stays in its state, to be published again.
+    for callback in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            callback()
+        except Exception:
+            log.exception("after-commit callback failed")
 
 
 def _drop_after_commit(session: Session, _previous_transaction) -> None:

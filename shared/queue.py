@@ -26,11 +26,18 @@ def get_celery() -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        # Redis redelivers an unacked message after the visibility timeout, even to a second worker while
-        # the first still trains: keep it above the longest job (the claim makes a duplicate harmless).
-        broker_transport_options={"visibility_timeout": 7 * 24 * 3600, "polling_interval": 0.5},
+        broker_transport_options=transport_options(settings.resolved_broker_url),
     )
     return app
+
+
+def transport_options(broker_url: str) -> dict:
+    if broker_url.startswith("sqla+"):
+        # kombu hands these to create_engine(): wait on a locked SQLite file instead of failing.
+        return {"connect_args": {"timeout": 30}}
+    # Redis redelivers an unacked message after the visibility timeout, even to a second worker while the
+    # first still trains: keep it above the longest job (the claim makes a duplicate harmless).
+    return {"visibility_timeout": 7 * 24 * 3600}
 
 
 def publish(task_name: str, job_id: str) -> None:
@@ -39,8 +46,12 @@ def publish(task_name: str, job_id: str) -> None:
 
 def queue_depth() -> int | None:
     """Messages waiting in the training queue (None if the broker cannot say)."""
-    app = get_celery()
-    with app.connection_for_read() as connection:
+    queue = get_settings().queue_name
+    with get_celery().connection_for_read() as connection:
         channel = connection.default_channel
-        declared = channel.queue_declare(queue=get_settings().queue_name, passive=True)
-        return int(declared.message_count)
+        # kombu's virtual transports (Redis, SQLAlchemy) count messages with _size, all priority levels
+        # included; a passive declare would instead fail on Redis when the queue is empty (no key).
+        size = getattr(channel, "_size", None)
+        if size is not None:
+            return int(size(queue))
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)

@@ -80,10 +80,7 @@ class Stack:
         raise RuntimeError(f"API did not start; see {self.logdir / 'api.log'}")
 
     def start_worker(self) -> subprocess.Popen:
-        from shared.cli import worker_command
-
-        command = [sys.executable, "-m", "celery", *worker_command()[3:]]
-        return self._spawn("worker", command)
+        return self._spawn("worker", [sys.executable, "-m", "shared.cli", "worker"])
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")
@@ -142,3 +139,38 @@ def training_processes(job_id: str) -> list[int]:
         if "worker.training" in cmdline and job_id in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+LOAD_AND_GENERATE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base_dir, adapter_dir, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)["input_ids"]
+def greedy(model):
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+base = AutoModelForCausalLM.from_pretrained(base_dir)
+before = greedy(base)
+tuned = PeftModel.from_pretrained(base, adapter_dir)
+print(json.dumps({"base": before, "tuned": greedy(tuned), "type": type(tuned).__name__}))
+"""
+
+
+def generate_in_fresh_process(base_dir: Path, adapter_dir: Path, prompt: str) -> dict:
+    """Load the adapter the way a user would, with plain peft, in a new Python process."""
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(base_dir), str(adapter_dir), prompt],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def extract_zip(data: bytes, target: Path) -> Path:
+    import io
+    import zipfile
+
+    zipfile.ZipFile(io.BytesIO(data)).extractall(target)
+    return target

@@ -1,0 +1,121 @@
+"""A job from REST to a downloaded adapter, with the API and a Celery worker as real processes:
+on Postgres + Redis + S3 (moto), and on the embedded defaults (SQLite + SQLAlchemy broker + local folder)."""
+
+import hashlib
+import io
+import json
+import time
+import zipfile
+
+import pytest
+
+from tests.support import chat, extract_zip, generate_in_fresh_process, training_processes, write_jsonl
+
+
+def parrot_data(tmp_path, n=32, name="train.jsonl"):
+    return write_jsonl(tmp_path / name, [chat(f"Tell me about item {i}", f"Squawk! Item {i} is fine. Squawk!")
+                                         for i in range(n)])
+
+
+def run_job(stack, tmp_path, **overrides):
+    file = stack.upload(parrot_data(tmp_path))
+    body = {"model": "tiny-llama", "training_file": file["id"], "suffix": "parrot", "seed": 11,
+            "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 10}, **overrides}
+    return file, stack.create_job(**body)
+
+
+def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
+    job = stack.wait(job["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], stack.logs())
+    assert job["fine_tuned_model"] == f"ft:tiny-llama:parrot:{job['id']}"
+    assert job["trained_tokens"] > 0 and job["finished_at"] >= job["created_at"]
+    assert job["error"] is None and len(job["result_files"]) == 1
+
+    events = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert metrics and metrics[0]["step"] == metrics[0]["total_steps"] == 24  # newest first: the last step
+    assert {"train_loss", "learning_rate", "grad_norm", "epoch", "tokens_per_second", "progress", "eta_seconds"} <= set(metrics[0])
+    statuses = [e["data"]["status"] for e in reversed(events) if e["type"] == "message" and "status" in (e["data"] or {})]
+    assert statuses == ["queued", "running", "succeeded"]
+
+    checkpoints = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [20, 10]
+    assert "train_loss" in checkpoints[0]["metrics"]
+
+    results = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text
+    assert results.splitlines()[0].startswith("step,epoch,train_loss") and len(results.splitlines()) == 25
+
+    response = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == response.headers["x-adapter-sha256"]
+    names = set(zipfile.ZipFile(io.BytesIO(response.content)).namelist())
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= names
+    adapter = extract_zip(response.content, tmp_path / "adapter")
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["job_id"] == job["id"] and manifest["base_model"] == "tiny-llama"
+    assert manifest["dataset"]["sha256"] == hashlib.sha256(parrot_data(tmp_path).read_bytes()).hexdigest()
+    assert manifest["hyperparameters"]["n_epochs"] == 3 and manifest["metrics"]["train_loss"] is not None
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["libraries"])
+
+    generated = generate_in_fresh_process(tiny_model, adapter, "Tell me about item 99")
+    assert generated["type"] == "PeftModelForCausalLM"
+    assert generated["tuned"] != generated["base"]
+
+    models = [m["id"] for m in stack.client.get("/v1/models").json()["data"]]
+    assert job["fine_tuned_model"] in models
+    return job
+
+
+def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp_path):
+    stack = make_stack({**production_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10"}, tiny_model)
+    file, job = run_job(stack, tmp_path)
+    check_succeeded_job(stack, tiny_model, tmp_path, file, job)
+    ready = stack.client.get("/readyz").json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    overview = stack.client.get("/admin/overview").json()
+    assert overview["jobs_by_status"]["succeeded"] == 1 and overview["queue_depth"] == 0
+    assert overview["workers"] and overview["workers"][0]["seconds_since_heartbeat"] < 60
+
+
+def test_embedded_defaults_end_to_end(embedded_env, make_stack, tiny_model, tmp_path):
+    stack = make_stack({**embedded_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10"}, tiny_model)
+    file, job = run_job(stack, tmp_path)
+    check_succeeded_job(stack, tiny_model, tmp_path, file, job)
+    data_dir = tmp_path / "embedded"
+    assert (data_dir / "tunequeue.db").is_file() and (data_dir / "broker.db").is_file()
+    assert list((data_dir / "storage" / "tenants").rglob("adapter.zip"))
+
+
+def test_worker_side_data_error_fails_job_with_code(embedded_env, make_stack, tiny_model, tmp_path):
+    stack = make_stack(embedded_env, tiny_model)
+    long_prompts = write_jsonl(tmp_path / "long.jsonl", [chat("word " * 300, "short answer") for _ in range(4)])
+    job = stack.create_job(model="tiny-llama", training_file=stack.upload(long_prompts)["id"], max_seq_length=32)
+    job = stack.wait(job["id"], timeout=180)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_training_file" and "max_seq_length" in job["error"]["message"]
+    assert job["error"]["param"] == "training_file"
+
+
+def test_cancel_running_job(production_env, make_stack, tiny_model, tmp_path):
+    stack = make_stack(production_env, tiny_model)
+    file = stack.upload(parrot_data(tmp_path, n=64))
+    job = stack.create_job(model="tiny-llama", training_file=file["id"],
+                           hyperparameters={"n_epochs": 50, "batch_size": 1})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        current = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        if current["status"] == "running" and current["progress"]:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"job never made progress: {current}\n{stack.logs()}")
+    assert training_processes(job["id"]), "the recipe should be running"
+    asked = time.monotonic()
+    response = stack.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert response.status_code == 200
+    cancelled = stack.wait(job["id"], timeout=15)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert time.monotonic() - asked < 15
+    time.sleep(0.5)
+    assert training_processes(job["id"]) == []
+    assert stack.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 409

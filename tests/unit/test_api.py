@@ -1,0 +1,147 @@
+"""The API in-process on embedded defaults (SQLite, SQLAlchemy broker, local storage): shapes and bad input.
+No worker runs here, so jobs stay in validating_files; the worker paths are in tests/integration."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support import SAMPLE, chat
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    from shared import cli, migrate
+
+    migrate.upgrade()
+    cli.register_folder(tiny_model, "tiny-llama", source="test")
+    from api.app import create_app
+
+    with TestClient(create_app()) as client:
+        yield client
+
+
+def upload(client, content: bytes, name="train.jsonl", purpose="fine-tune"):
+    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
+
+
+def good_file(client) -> str:
+    response = upload(client, (SAMPLE / "train.jsonl").read_bytes())
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def assert_error(response, status: int, *fragments: str, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_file_roundtrip(client):
+    data = (SAMPLE / "train.jsonl").read_bytes()
+    created = upload(client, data).json()
+    assert created["object"] == "file" and created["bytes"] == len(data) and created["purpose"] == "fine-tune"
+    assert client.get(f"/v1/files/{created['id']}").json() == created
+    assert client.get(f"/v1/files/{created['id']}/content").content == data
+    listed = client.get("/v1/files").json()
+    assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == [created["id"]]
+    assert client.delete(f"/v1/files/{created['id']}").json() == {"object": "file", "id": created["id"], "deleted": True}
+    assert_error(client.get(f"/v1/files/{created['id']}"), 404, created["id"])
+
+
+def test_upload_refuses_bad_lines_with_line_numbers(client):
+    content = (json.dumps(chat("a", "b")) + "\nnot json\n" + json.dumps({"prompt": "x"}) + "\n").encode()
+    assert_error(upload(client, content), 400, "line 2", "line 3", param="file")
+    assert_error(upload(client, b""), 400, "empty", param="file")
+    assert_error(upload(client, b"\xff\xfe\n"), 400, "UTF-8", "line 1")
+    assert_error(upload(client, (SAMPLE / "train.jsonl").read_bytes(), purpose="assistants"), 400, "purpose")
+    assert client.get("/v1/files").json()["data"] == []
+
+
+def test_create_job_shape_and_resolved_hyperparameters(client):
+    file_id = good_file(client)
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": file_id, "suffix": "parrot", "seed": 5, "metadata": {"team": "ml"},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}, "lora_r": 8,
+    })
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "validating_files" and job["seed"] == 5 and job["metadata"] == {"team": "ml"}
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 2.5}
+    assert job["training_options"]["lora_r"] == 8 and job["training_options"]["quantization"] == "nf4"
+    assert isinstance(job["created_at"], int) and job["error"] is None and job["fine_tuned_model"] is None
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["data"][0]["object"] == "fine_tuning.job.event"
+    assert client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "ml"}).json()["data"][0]["id"] == job["id"]
+    assert client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "other"}).json()["data"] == []
+
+
+def test_unknown_model_lists_available(client):
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "gpt-5", "training_file": good_file(client)})
+    assert_error(response, 400, "gpt-5", "tiny-llama", param="model")
+
+
+def test_unknown_file_is_404(client):
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "file-nope"})
+    assert_error(response, 404, "file-nope", param="training_file")
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": good_file(client), "validation_file": "file-gone"})
+    assert_error(response, 404, param="validation_file")
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"training_file": "file-x"}, "model", "Missing required field"),
+    ({"model": "tiny-llama"}, "training_file", "Missing required field"),
+    ({"model": "tiny-llama", "training_file": "f", "lora_rank": 4}, "lora_rank", "Unknown field"),
+    ({"model": "tiny-llama", "training_file": "f", "quantization": "q3"}, "quantization", "Invalid value"),
+    ({"model": "tiny-llama", "training_file": "f", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "1 to 50"),
+    ({"model": "tiny-llama", "training_file": "f", "suffix": "has space"}, "suffix", "Invalid value"),
+    ({"model": "tiny-llama", "training_file": "f", "lora_dropout": 1.5}, "lora_dropout", "Invalid value"),
+])
+def test_bad_fields_are_named(client, body, param, fragment):
+    assert_error(client.post("/v1/fine_tuning/jobs", json=body), 400, fragment, param)
+
+
+def test_malformed_json_is_400(client):
+    response = client.post("/v1/fine_tuning/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+
+
+def test_cancel_queued_then_cancel_again_is_409(client):
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": good_file(client)}).json()
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, "cancelled")
+    assert_error(client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter"), 409, "adapter")
+    assert_error(client.post("/v1/fine_tuning/jobs/ftjob-missing/cancel"), 404)
+
+
+def test_models_health_and_overview(client):
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    overview = client.get("/admin/overview").json()
+    assert set(overview) == {"jobs_by_status", "queue_depth", "workers", "recent_failures"}
+    assert overview["jobs_by_status"]["running"] == 0
+
+
+def test_pagination_of_jobs(client):
+    file_id = good_file(client)
+    ids = [client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
+           for _ in range(3)]
+    first = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert first["has_more"] is True and len(first["data"]) == 2
+    second = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["data"][-1]["id"]}).json()
+    assert second["has_more"] is False
+    assert sorted(j["id"] for j in first["data"] + second["data"]) == sorted(ids)
