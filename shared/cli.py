@@ -114,9 +114,24 @@ def run_serve(args) -> int:
 def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
     # Threads: the Celery process only supervises (the recipe runs in its own child process), so a thread
     # per job keeps the consumer responsive without forking a process that might import CUDA.
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "threads",
-            "--concurrency", str(concurrency), "--loglevel", loglevel, "-Q", get_settings().queue_name,
-            "--without-gossip", "--without-mingle"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "-Q",
+        get_settings().queue_name,
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def run_worker(args) -> int:

@@ -2,6 +2,7 @@
 sample data, fine-tune, follow it with a progress bar, download the adapter, compare base and tuned answers."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ SAMPLE = Path("data/sample")
 
 
 def run(port: int, epochs: int) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would break the progress bar
     started = time.monotonic()
     ensure_model()
     base_url = f"http://127.0.0.1:{port}"
@@ -63,7 +65,8 @@ def start_services(port: int) -> list[subprocess.Popen]:
     print(f"Starting the API on port {port} and one worker (logs in {logs})")
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=open(logs / "api.log", "ab"), stderr=subprocess.STDOUT,
+        stdout=open(logs / "api.log", "ab"),
+        stderr=subprocess.STDOUT,
     )
     worker = subprocess.Popen(worker_command(), stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
     return [api, worker]
@@ -137,13 +140,28 @@ def compare(adapter: Path) -> None:
     results = {}
     for name, extra in (("base", []), ("tuned", ["--adapter", str(adapter)])):
         output = subprocess.run(
-            [sys.executable, "-m", "worker.training.evaluate", "--base", str(base), "--data",
-             str(SAMPLE / "heldout.jsonl"), "--generate", "5", *extra],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "worker.training.evaluate",
+                "--base",
+                str(base),
+                "--data",
+                str(SAMPLE / "heldout.jsonl"),
+                "--generate",
+                "5",
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])
-    print(f"\nHeld-out loss (assistant tokens, {results['base']['tokens']} tokens): "
-          f"base {results['base']['loss']:.3f} -> tuned {results['tuned']['loss']:.3f}\n")
-    for prompt, before, after in zip(results["base"]["prompts"], results["base"]["generations"],
-                                     results["tuned"]["generations"], strict=True):
+    print(
+        f"\nHeld-out loss (assistant tokens, {results['base']['tokens']} tokens): "
+        f"base {results['base']['loss']:.3f} -> tuned {results['tuned']['loss']:.3f}\n"
+    )
+    for prompt, before, after in zip(
+        results["base"]["prompts"], results["base"]["generations"], results["tuned"]["generations"], strict=True
+    ):
         print(f"Q: {prompt}\n  base : {before}\n  tuned: {after}\n")

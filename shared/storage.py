@@ -126,9 +126,7 @@ class LocalStorage(Storage):
         if not base.exists():
             return []
         root = self.root.resolve()
-        return sorted(
-            str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
-        )
+        return sorted(str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part"))
 
     def ping(self) -> None:
         if not self.root.is_dir():
@@ -184,9 +182,7 @@ class S3Storage(Storage):
     def list_keys(self, prefix: str) -> list[str]:
         keys = []
         strip = len(self.prefix) + 1 if self.prefix else 0
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix)
-        ):
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
         return sorted(keys)
 

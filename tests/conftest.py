@@ -177,5 +177,3 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         if "/e2e/" in path:
             item.add_marker(pytest.mark.e2e)
-
-

@@ -30,9 +30,17 @@ def build_tiny_model(tokenizer_source: Path, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -59,15 +67,17 @@ class Stack:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=self.env, cwd=ROOT,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "shared.cli", *args], env=self.env, cwd=ROOT, capture_output=True, text=True
+        )
         assert result.returncode == 0, f"tunequeue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
     def start(self, worker: bool = True) -> "Stack":
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
-                            "--port", str(self.port)])
+        self._spawn(
+            "api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        )
         if worker:
             self.start_worker()
         deadline = time.monotonic() + 60
@@ -84,8 +94,9 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")
-        process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.processes.append(process)
         return process
 
@@ -162,8 +173,12 @@ print(json.dumps({"base": before, "tuned": greedy(tuned), "type": type(tuned).__
 
 def generate_in_fresh_process(base_dir: Path, adapter_dir: Path, prompt: str) -> dict:
     """Load the adapter the way a user would, with plain peft, in a new Python process."""
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(base_dir), str(adapter_dir), prompt],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(base_dir), str(adapter_dir), prompt],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

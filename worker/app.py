@@ -48,5 +48,3 @@ def _start_heartbeat(sender=None, **_):
 @signals.worker_shutdown.connect
 def _stop_heartbeat(**_):
     _stop.set()
-
-

@@ -78,7 +78,17 @@ class JobRunner:
             "seed": seed,
             "hyperparameters": hyper,
             "checkpoint_every_steps": self.settings.checkpoint_every_steps,
-            **{k: options[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "quantization", "max_seq_length")},
+            **{
+                k: options[k]
+                for k in (
+                    "lora_r",
+                    "lora_alpha",
+                    "lora_dropout",
+                    "lora_target_modules",
+                    "quantization",
+                    "max_seq_length",
+                )
+            },
         }
         path = workdir / "config.json"
         path.write_text(json.dumps(config, indent=2))
@@ -199,8 +209,12 @@ class JobRunner:
             job = session.get(Job, self.job_id)
             assert job is not None
             results = create_result_file(
-                session, self.storage, tenant=self.tenant, job_id=self.job_id,
-                filename=f"{self.job_id}_results.csv", data=metrics_csv(self.metrics_rows),
+                session,
+                self.storage,
+                tenant=self.tenant,
+                job_id=self.job_id,
+                filename=f"{self.job_id}_results.csv",
+                data=metrics_csv(self.metrics_rows),
             )
             execution.succeed_job(
                 session,
@@ -241,7 +255,15 @@ def zip_folder(folder: Path) -> bytes:
 
 
 def metrics_csv(rows: list[dict]) -> bytes:
-    columns = ["step", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second"]
+    columns = [
+        "step",
+        "epoch",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+    ]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -21,11 +21,18 @@ def overview(session: DbSession):
         "jobs_by_status": counts_by_status(session),
         "queue_depth": depth,
         "workers": [
-            {"hostname": w.hostname, "pid": w.pid, "started_at": w.started_at, "last_heartbeat": w.last_heartbeat,
-             "seconds_since_heartbeat": now() - w.last_heartbeat, "current_jobs": w.current_jobs}
+            {
+                "hostname": w.hostname,
+                "pid": w.pid,
+                "started_at": w.started_at,
+                "last_heartbeat": w.last_heartbeat,
+                "seconds_since_heartbeat": now() - w.last_heartbeat,
+                "current_jobs": w.current_jobs,
+            }
             for w in workers
         ],
         "recent_failures": [
-            {"id": j.id, "model": j.model, "finished_at": j.finished_at, "error": j.error} for j in recent_failures(session)
+            {"id": j.id, "model": j.model, "finished_at": j.finished_at, "error": j.error}
+            for j in recent_failures(session)
         ],
     }

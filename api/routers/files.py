@@ -13,25 +13,42 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FileObject)
 def create_file(
-    session: DbSession, storage: StorageDep, settings: SettingsDep, tenant: Tenant,
-    file: UploadFile, purpose: str = Form(...),
+    session: DbSession,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: Tenant,
+    file: UploadFile,
+    purpose: str = Form(...),
 ):
     created = service.create_file(
-        session, storage, tenant=tenant, stream=file.file, filename=file.filename or "upload.jsonl",
-        purpose=purpose, max_bytes=settings.max_upload_bytes,
+        session,
+        storage,
+        tenant=tenant,
+        stream=file.file,
+        filename=file.filename or "upload.jsonl",
+        purpose=purpose,
+        max_bytes=settings.max_upload_bytes,
     )
     return FileObject.of(created)
 
 
 @router.get("", response_model=Page)
 def list_files(
-    session: DbSession, tenant: Tenant, purpose: str | None = None, after: str | None = None,
-    limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
+    session: DbSession,
+    tenant: Tenant,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    order: Literal["asc", "desc"] = "desc",
 ):
     files = service.list_files(session, tenant, purpose=purpose, after=after, limit=limit + 1, order=order)
     data = [FileObject.of(f) for f in files[:limit]]
-    return Page(data=data, has_more=len(files) > limit,
-                first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+    return Page(
+        data=data,
+        has_more=len(files) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/{file_id}", response_model=FileObject)
@@ -48,6 +65,7 @@ def delete_file(session: DbSession, storage: StorageDep, tenant: Tenant, file_id
 def file_content(session: DbSession, storage: StorageDep, tenant: Tenant, file_id: str):
     file = service.get_file(session, tenant, file_id)
     return StreamingResponse(
-        service.file_content(storage, file), media_type="application/octet-stream",
+        service.file_content(storage, file),
+        media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{file.filename}"'},
     )

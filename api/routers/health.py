@@ -18,7 +18,9 @@ def healthz():
 def readyz():
     checks = {"database": _check(_database), "broker": _check(_broker), "storage": _check(lambda: get_storage().ping())}
     ready = all(result == "ok" for result in checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 def _check(probe) -> str:

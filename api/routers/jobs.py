@@ -18,8 +18,9 @@ def create_job(session: DbSession, tenant: Tenant, request: JobCreate):
 
 
 @router.get("", response_model=Page)
-def list_jobs(session: DbSession, tenant: Tenant, http: Request, after: str | None = None,
-              limit: int = Query(20, ge=1, le=100)):
+def list_jobs(
+    session: DbSession, tenant: Tenant, http: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)
+):
     jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
     data = [FineTuningJob.of(j) for j in jobs[:limit]]
     return Page(data=data, has_more=len(jobs) > limit)
@@ -48,22 +49,28 @@ def cancel_job(session: DbSession, tenant: Tenant, job_id: str):
 
 
 @router.get("/{job_id}/events", response_model=Page)
-def list_events(session: DbSession, tenant: Tenant, job_id: str, after: str | None = None,
-                limit: int = Query(20, ge=1, le=1000)):
+def list_events(
+    session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+):
     job = service.get_job(session, tenant, job_id)
     events = service.list_events(session, job, after=after, limit=limit + 1)
     return Page(data=[JobEventObject.of(e) for e in events[:limit]], has_more=len(events) > limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page)
-def list_checkpoints(session: DbSession, tenant: Tenant, job_id: str, after: str | None = None,
-                     limit: int = Query(10, ge=1, le=100)):
+def list_checkpoints(
+    session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)
+):
     job = service.get_job(session, tenant, job_id)
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
     name = service.fine_tuned_model_name(job)
     data = [CheckpointObject.of(c, name) for c in checkpoints[:limit]]
-    return Page(data=data, has_more=len(checkpoints) > limit,
-                first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+    return Page(
+        data=data,
+        has_more=len(checkpoints) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/{job_id}/adapter")
@@ -73,7 +80,10 @@ def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, jo
     if job.status != state.SUCCEEDED or not job.adapter_key:
         raise AdapterNotReady(job_id, job.status)
     return StreamingResponse(
-        storage.iter_chunks(job.adapter_key), media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"',
-                 "X-Adapter-SHA256": job.adapter_sha256 or ""},
+        storage.iter_chunks(job.adapter_key),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"',
+            "X-Adapter-SHA256": job.adapter_sha256 or "",
+        },
     )

@@ -26,6 +26,9 @@ def list_models(session: DbSession, tenant: Tenant):
     tuned = session.scalars(
         select(Job).where(Job.tenant == tenant, Job.status == state.SUCCEEDED).order_by(Job.finished_at)
     )
-    data += [ModelObject(id=j.fine_tuned_model, created=j.finished_at or j.created_at, owned_by=tenant)
-             for j in tuned if j.fine_tuned_model]
+    data += [
+        ModelObject(id=j.fine_tuned_model, created=j.finished_at or j.created_at, owned_by=tenant)
+        for j in tuned
+        if j.fine_tuned_model
+    ]
     return Page(data=data, has_more=False)

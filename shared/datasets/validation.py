@@ -73,10 +73,10 @@ def _check_line(raw: str) -> str | None:
     except json.JSONDecodeError as exc:
         return f"is not valid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(record, dict):
-        return "must be a JSON object like {\"messages\": [...]}"
+        return 'must be a JSON object like {"messages": [...]}'
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        return "needs a non-empty \"messages\" list"
+        return 'needs a non-empty "messages" list'
     for index, message in enumerate(messages):
         problem = _check_message(index, message)
         if problem:
@@ -89,7 +89,7 @@ def _check_line(raw: str) -> str | None:
 def _check_message(index: int, message: object) -> str | None:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
-        return f"{where} must be an object with \"role\" and \"content\""
+        return f'{where} must be an object with "role" and "content"'
     role = message.get("role")
     if role not in ROLES:
         return f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}"

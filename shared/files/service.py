@@ -31,7 +31,7 @@ def create_file(
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidFile(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, got {purpose!r}", param="purpose")
     with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as spool:
-        size = _copy_limited(stream, spool, max_bytes)
+        size = _copy_limited(stream, spool, max_bytes)  # type: ignore[arg-type]
         if size == 0:
             raise InvalidFile("the uploaded file is empty", param="file")
         spool.seek(0)

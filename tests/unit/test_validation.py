@@ -25,12 +25,14 @@ def test_errors_name_the_line():
 
 
 def test_no_assistant_empty_content_and_bad_weight():
-    report = validate_chat_jsonl(lines(
-        {"messages": [{"role": "user", "content": "only a question"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
-        [1, 2, 3],
-    ))
+    report = validate_chat_jsonl(
+        lines(
+            {"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
+            [1, 2, 3],
+        )
+    )
     assert [e.line for e in report.errors] == [1, 2, 3, 4]
     assert "no assistant" in report.errors[0].message
     assert "empty" in report.errors[1].message

@@ -56,7 +56,9 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
+        prompt = (
+            tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
+        )
         through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
         if not text.startswith(through) or not through.startswith(prompt):
             raise DatasetError("the chat template does not render conversations prefix by prefix")

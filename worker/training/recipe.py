@@ -113,7 +113,17 @@ class TrainingLoop:
             "train_mean_token_accuracy": self.last_metrics.get("train_mean_token_accuracy"),
             "trained_tokens": self.trained_tokens,
             "wall_seconds": round(time.monotonic() - self.started, 2),
+            **peak_memory(),
         }
+
+
+def peak_memory() -> dict:
+    import resource
+
+    memory = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        memory["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return memory
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -31,6 +31,6 @@ def parse_line(line: str) -> dict | None:
     if not line.startswith(PREFIX):
         return None
     try:
-        return json.loads(line[len(PREFIX):])
+        return json.loads(line[len(PREFIX) :])
     except json.JSONDecodeError:
         return None
