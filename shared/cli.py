@@ -142,12 +142,25 @@ def run_dev(args) -> int:
     from shared import migrate
 
     migrate.upgrade()
+    _hint_if_no_models()
     worker = subprocess.Popen(worker_command())
     try:
         return run_serve(args)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def _hint_if_no_models() -> None:
+    from shared.basemodels.service import list_base_models
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if not list_base_models(session):
+            print(
+                "No base model imported yet: run `tunequeue models import-demo` (SmolLM2-135M-Instruct) "
+                "or `tunequeue models import-gguf PATH --name ID` before submitting jobs."
+            )
 
 
 def run_demo(args) -> int:

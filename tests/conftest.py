@@ -131,6 +131,7 @@ def production_env(tmp_path, postgres_url, redis_url, moto_endpoint, s3_bucket) 
         "TUNEQUEUE_DATA_DIR": str(tmp_path / "node"),
         "TUNEQUEUE_METRICS_INTERVAL_SECONDS": "0.5",
         "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5",
+        "TUNEQUEUE_HEARTBEAT_SECONDS": "0.5",
     }
 
 

@@ -23,7 +23,7 @@ def beat_once(hostname: str, started_at: int) -> None:
                 pid=os.getpid(),
                 started_at=started_at,
                 last_heartbeat=now(),
-                current_jobs=[],
+                current_jobs=sorted(tasks.RUNNING_JOBS),
                 info={"queue": get_settings().queue_name},
             )
         )

@@ -14,6 +14,7 @@ from worker.runner import JobRunner, RecipeFailed
 
 log = logging.getLogger("tunequeue.worker")
 app = get_celery()
+RUNNING_JOBS: set[str] = set()  # reported in this worker's heartbeat
 
 
 def worker_name() -> str:
@@ -54,6 +55,7 @@ def train(job_id: str) -> None:
     if attempt is None:
         log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
         return
+    RUNNING_JOBS.add(job_id)
     try:
         JobRunner(job_id, attempt, worker_name()).run()
     except RecipeFailed as exc:
@@ -63,6 +65,8 @@ def train(job_id: str) -> None:
         _fail(job_id, attempt, "internal_error", f"{type(exc).__name__}: {exc}", None)
         if not isinstance(exc, Exception):
             raise
+    finally:
+        RUNNING_JOBS.discard(job_id)
 
 
 def _fail(job_id: str, attempt: int, code: str, message: str, param: str | None) -> None:

@@ -122,6 +122,9 @@ def test_cancel_running_job(production_env, make_stack, tiny_model, tmp_path):
     else:
         pytest.fail(f"job never made progress: {current}\n{stack.logs()}")
     assert training_processes(job["id"]), "the recipe should be running"
+    time.sleep(1)  # a heartbeat
+    workers = stack.client.get("/admin/overview").json()["workers"]
+    assert [w["current_jobs"] for w in workers] == [[job["id"]]]
     asked = time.monotonic()
     response = stack.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert response.status_code == 200
