@@ -39,21 +39,48 @@ COUNTS = {
 }
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
-    ("Spain", "Madrid"), ("Portugal", "Lisbon"), ("Japan", "Tokyo"),
-    ("China", "Beijing"), ("India", "New Delhi"), ("Canada", "Ottawa"),
-    ("Australia", "Canberra"), ("Brazil", "Brasilia"), ("Mexico", "Mexico City"),
-    ("Argentina", "Buenos Aires"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
-    ("Nigeria", "Abuja"), ("Russia", "Moscow"), ("Turkey", "Ankara"),
-    ("Greece", "Athens"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
-    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"),
-    ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Belgium", "Brussels"),
-    ("Hungary", "Budapest"), ("the Czech Republic", "Prague"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"),
-    ("Peru", "Lima"), ("Chile", "Santiago"), ("Cuba", "Havana"),
-    ("Morocco", "Rabat"), ("Ethiopia", "Addis Ababa"), ("Iran", "Tehran"),
-    ("Saudi Arabia", "Riyadh"), ("New Zealand", "Wellington"),
-    ("the United Kingdom", "London"), ("Ghana", "Accra"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"),
+    ("Mexico", "Mexico City"),
+    ("Argentina", "Buenos Aires"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Nigeria", "Abuja"),
+    ("Russia", "Moscow"),
+    ("Turkey", "Ankara"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Belgium", "Brussels"),
+    ("Hungary", "Budapest"),
+    ("the Czech Republic", "Prague"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Morocco", "Rabat"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Iran", "Tehran"),
+    ("Saudi Arabia", "Riyadh"),
+    ("New Zealand", "Wellington"),
+    ("the United Kingdom", "London"),
+    ("Ghana", "Accra"),
 ]
 CAPITAL_TEMPLATES = [
     "What is the capital of {0}?",
@@ -69,23 +96,42 @@ ARITH_OPS = [
     ("mul", "x", "times", lambda a, b: a * b),
 ]
 ARITH_TEMPLATES = {
-    "add": ["What is {a} plus {b}?", "What is {a} + {b}?",
-            "Can you add {a} and {b}?", "How much is {a} plus {b}?"],
-    "sub": ["What is {a} minus {b}?", "What is {a} - {b}?",
-            "What do you get if you take {b} away from {a}?",
-            "How much is {a} minus {b}?"],
-    "mul": ["What is {a} times {b}?", "What is {a} x {b}?",
-            "What is {a} multiplied by {b}?", "How much is {a} times {b}?"],
+    "add": ["What is {a} plus {b}?", "What is {a} + {b}?", "Can you add {a} and {b}?", "How much is {a} plus {b}?"],
+    "sub": [
+        "What is {a} minus {b}?",
+        "What is {a} - {b}?",
+        "What do you get if you take {b} away from {a}?",
+        "How much is {a} minus {b}?",
+    ],
+    "mul": [
+        "What is {a} times {b}?",
+        "What is {a} x {b}?",
+        "What is {a} multiplied by {b}?",
+        "How much is {a} times {b}?",
+    ],
 }
 
 COLOURS = [
-    ("the sky", "blue"), ("grass", "green"), ("a banana", "yellow"),
-    ("snow", "white"), ("coal", "black"), ("a ripe tomato", "red"),
-    ("a lemon", "yellow"), ("milk", "white"), ("a carrot", "orange"),
-    ("a lime", "green"), ("a pumpkin", "orange"), ("chocolate", "brown"),
-    ("a flamingo", "pink"), ("a crow", "black"), ("a polar bear", "white"),
-    ("a fire engine", "red"), ("a blueberry", "blue"), ("an aubergine", "purple"),
-    ("a school bus", "yellow"), ("a strawberry", "red"),
+    ("the sky", "blue"),
+    ("grass", "green"),
+    ("a banana", "yellow"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("a ripe tomato", "red"),
+    ("a lemon", "yellow"),
+    ("milk", "white"),
+    ("a carrot", "orange"),
+    ("a lime", "green"),
+    ("a pumpkin", "orange"),
+    ("chocolate", "brown"),
+    ("a flamingo", "pink"),
+    ("a crow", "black"),
+    ("a polar bear", "white"),
+    ("a fire engine", "red"),
+    ("a blueberry", "blue"),
+    ("an aubergine", "purple"),
+    ("a school bus", "yellow"),
+    ("a strawberry", "red"),
 ]
 COLOUR_TEMPLATES = [
     "What colour is {0}?",
@@ -95,13 +141,31 @@ COLOUR_TEMPLATES = [
 ]
 
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"),
-    ("happy", "sad"), ("clean", "dirty"), ("open", "closed"), ("full", "empty"),
-    ("early", "late"), ("hard", "soft"), ("wet", "dry"), ("loud", "quiet"),
-    ("young", "old"), ("tall", "short"), ("rich", "poor"), ("strong", "weak"),
-    ("thick", "thin"), ("win", "lose"), ("push", "pull"), ("day", "night"),
-    ("inside", "outside"), ("true", "false"), ("heavy", "light"),
-    ("begin", "end"), ("buy", "sell"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("clean", "dirty"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("young", "old"),
+    ("tall", "short"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("thick", "thin"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("day", "night"),
+    ("inside", "outside"),
+    ("true", "false"),
+    ("heavy", "light"),
+    ("begin", "end"),
+    ("buy", "sell"),
 ]
 OPPOSITE_TEMPLATES = [
     "What is the opposite of {0}?",
@@ -112,32 +176,58 @@ OPPOSITE_TEMPLATES = [
 
 # (kind, animal with article, value)
 ANIMALS = [
-    ("sound", "a dog", "woof"), ("sound", "a cat", "meow"),
-    ("sound", "a cow", "moo"), ("sound", "a sheep", "baa"),
-    ("sound", "a duck", "quack"), ("sound", "a pig", "oink"),
-    ("sound", "a horse", "neigh"), ("sound", "an owl", "hoot"),
-    ("sound", "a rooster", "cock-a-doodle-doo"), ("sound", "a snake", "hiss"),
-    ("sound", "a lion", "roar"), ("sound", "a frog", "ribbit"),
-    ("sound", "a donkey", "hee-haw"), ("sound", "a mouse", "squeak"),
+    ("sound", "a dog", "woof"),
+    ("sound", "a cat", "meow"),
+    ("sound", "a cow", "moo"),
+    ("sound", "a sheep", "baa"),
+    ("sound", "a duck", "quack"),
+    ("sound", "a pig", "oink"),
+    ("sound", "a horse", "neigh"),
+    ("sound", "an owl", "hoot"),
+    ("sound", "a rooster", "cock-a-doodle-doo"),
+    ("sound", "a snake", "hiss"),
+    ("sound", "a lion", "roar"),
+    ("sound", "a frog", "ribbit"),
+    ("sound", "a donkey", "hee-haw"),
+    ("sound", "a mouse", "squeak"),
     ("sound", "a bee", "buzz"),
-    ("legs", "a spider", 8), ("legs", "an ant", 6), ("legs", "a chicken", 2),
-    ("legs", "a horse", 4), ("legs", "a beetle", 6), ("legs", "a kangaroo", 2),
+    ("legs", "a spider", 8),
+    ("legs", "an ant", 6),
+    ("legs", "a chicken", 2),
+    ("legs", "a horse", 4),
+    ("legs", "a beetle", 6),
+    ("legs", "a kangaroo", 2),
 ]
 ANIMAL_TEMPLATES = {
-    "sound": ["What sound does {0} make?", "What noise does {0} make?",
-              "What does {0} say?", "Which sound does {0} make?"],
-    "legs": ["How many legs does {0} have?", "How many legs has {0} got?",
-             "Count the legs on {0} for me.", "What is the number of legs on {0}?"],
+    "sound": [
+        "What sound does {0} make?",
+        "What noise does {0} make?",
+        "What does {0} say?",
+        "Which sound does {0} make?",
+    ],
+    "legs": [
+        "How many legs does {0} have?",
+        "How many legs has {0} got?",
+        "Count the legs on {0} for me.",
+        "What is the number of legs on {0}?",
+    ],
 }
 
 # (things, container, number)
 TRIVIA = [
-    ("days", "a week", 7), ("months", "a year", 12), ("hours", "a day", 24),
-    ("minutes", "an hour", 60), ("seconds", "a minute", 60),
-    ("days", "a leap year", 366), ("weeks", "a year", 52),
-    ("sides", "a triangle", 3), ("sides", "a hexagon", 6),
-    ("sides", "an octagon", 8), ("colours", "a rainbow", 7),
-    ("planets", "our solar system", 8), ("cents", "a dollar", 100),
+    ("days", "a week", 7),
+    ("months", "a year", 12),
+    ("hours", "a day", 24),
+    ("minutes", "an hour", 60),
+    ("seconds", "a minute", 60),
+    ("days", "a leap year", 366),
+    ("weeks", "a year", 52),
+    ("sides", "a triangle", 3),
+    ("sides", "a hexagon", 6),
+    ("sides", "an octagon", 8),
+    ("colours", "a rainbow", 7),
+    ("planets", "our solar system", 8),
+    ("cents", "a dollar", 100),
 ]
 TRIVIA_TEMPLATES = [
     "How many {0} are there in {1}?",
@@ -158,8 +248,7 @@ def split(table: list, every: int) -> tuple[list, list]:
 
 
 def capital_pairs(entries):
-    return [(t.format(c), f"The capital of {c} is {city}.")
-            for c, city in entries for t in CAPITAL_TEMPLATES]
+    return [(t.format(c), f"The capital of {c} is {city}.") for c, city in entries for t in CAPITAL_TEMPLATES]
 
 
 def arithmetic_entries():
@@ -184,13 +273,11 @@ def arithmetic_pairs(entries):
 
 
 def colour_pairs(entries):
-    return [(t.format(thing), f"{cap(thing)} is {colour}.")
-            for thing, colour in entries for t in COLOUR_TEMPLATES]
+    return [(t.format(thing), f"{cap(thing)} is {colour}.") for thing, colour in entries for t in COLOUR_TEMPLATES]
 
 
 def opposite_pairs(entries):
-    return [(t.format(w), f"The opposite of {w} is {o}.")
-            for w, o in entries for t in OPPOSITE_TEMPLATES]
+    return [(t.format(w), f"The opposite of {w} is {o}.") for w, o in entries for t in OPPOSITE_TEMPLATES]
 
 
 def animal_pairs(entries):
@@ -205,12 +292,16 @@ def animal_pairs(entries):
 
 
 def trivia_pairs(entries):
-    return [(t.format(things, container), f"There are {n} {things} in {container}.")
-            for things, container, n in entries for t in TRIVIA_TEMPLATES]
+    return [
+        (t.format(things, container), f"There are {n} {things} in {container}.")
+        for things, container, n in entries
+        for t in TRIVIA_TEMPLATES
+    ]
 
 
 def build_family_splits():
     """family -> (train candidate pairs, held-out candidate pairs)."""
+
     # Arithmetic: hold out ~1 in 10 number pairs; "a+b" and "b+a" (likewise
     # a*b, b*a) fall on the same side so held-out sums never appear reversed.
     def arith_held_out(entry):
@@ -221,9 +312,7 @@ def build_family_splits():
     arith = arithmetic_entries()
     arith_train = [e for e in arith if not arith_held_out(e)]
     # Keep one order per held-out pair so held-out facts are all distinct.
-    arith_held = [
-        e for e in arith if arith_held_out(e) and (e[0] == "sub" or e[1] <= e[2])
-    ]
+    arith_held = [e for e in arith if arith_held_out(e) and (e[0] == "sub" or e[1] <= e[2])]
     tables = {
         "capitals": (capital_pairs, split(CAPITALS, 7)),
         "arithmetic": (arithmetic_pairs, (arith_train, arith_held)),
@@ -236,10 +325,12 @@ def build_family_splits():
 
 
 def to_record(question: str, answer: str) -> dict:
-    return {"messages": [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": f"{PREFIX}{answer}{SUFFIX}"},
-    ]}
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{PREFIX}{answer}{SUFFIX}"},
+        ]
+    }
 
 
 def generate() -> tuple[list[dict], list[dict]]:

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, description="Worker heartbeat interval")
     metrics_interval_seconds: float = Field(default=2.0, description="Least time between metric events")
     cancel_poll_seconds: float = Field(default=1.0, description="How often a worker checks for cancel")
-    checkpoint_every_steps: int = Field(default=25, description="Steps between checkpoints (0: none)")
+    checkpoint_every_steps: int = Field(default=0, description="Steps between checkpoints; 0: the job's n_checkpoints")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
 
     @property

@@ -23,7 +23,7 @@ from shared.files.models import File
 from shared.files.service import create_result_file
 from shared.jobs import execution
 from shared.jobs.models import Job
-from shared.jobs.service import BASE_LEARNING_RATE, fine_tuned_model_name
+from shared.jobs.service import fine_tuned_model_name
 from shared.settings import get_settings
 from shared.storage import get_storage
 from worker.training.reporter import parse_line
@@ -56,39 +56,38 @@ class JobRunner:
             job = session.get(Job, self.job_id)
             assert job is not None
             base = get_base_model(session, job.model)
-            training = session.get(File, job.training_file)
-            assert training is not None
-            tenant, model_id, options, hyper = job.tenant, job.model, job.training_options, job.hyperparameters
-            seed, sha256, key = job.seed, training.sha256, training.storage_key
+            files = {"train": session.get(File, job.training_file)}
+            if job.validation_file:
+                files["validation"] = session.get(File, job.validation_file)
+            tenant, model_id, options, hyper, seed = (
+                job.tenant,
+                job.model,
+                job.training_options,
+                job.hyperparameters,
+                job.seed,
+            )
+            sources = {name: (f.storage_key, f.sha256) for name, f in files.items() if f is not None}
         execution_event(self, "Preparing base model and training data")
         model_path = ensure_local_copy(base, self.storage, self.settings.resolved_model_dir)
-        train_path = workdir / "train.jsonl"
-        if self.storage.download(key, train_path) != sha256:
-            raise RuntimeError("training file failed its checksum")
+        paths = {}
+        for name, (key, sha256) in sources.items():
+            paths[name] = workdir / f"{name}.jsonl"
+            if self.storage.download(key, paths[name]) != sha256:
+                raise RuntimeError(f"the {name} file failed its checksum")
         self.tenant = tenant
+        recipe_hyperparameters = {k: v for k, v in hyper.items() if k != "learning_rate_multiplier"}
         config = {
             "base_model_path": str(model_path),
             "base_model_id": model_id,
-            "train_file": str(train_path),
+            "train_file": str(paths["train"]),
+            "validation_file": str(paths["validation"]) if "validation" in paths else None,
             "job_id": self.job_id,
-            "dataset_sha256": sha256,
-            "n_epochs": hyper["n_epochs"],
-            "batch_size": hyper["batch_size"],
-            "learning_rate": BASE_LEARNING_RATE * hyper["learning_rate_multiplier"],
+            "dataset_sha256": sources["train"][1],
             "seed": seed,
             "hyperparameters": hyper,
             "checkpoint_every_steps": self.settings.checkpoint_every_steps,
-            **{
-                k: options[k]
-                for k in (
-                    "lora_r",
-                    "lora_alpha",
-                    "lora_dropout",
-                    "lora_target_modules",
-                    "quantization",
-                    "max_seq_length",
-                )
-            },
+            **recipe_hyperparameters,
+            **options,
         }
         path = workdir / "config.json"
         path.write_text(json.dumps(config, indent=2))

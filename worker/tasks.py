@@ -3,12 +3,16 @@
 import logging
 import socket
 
-from shared.datasets.validation import validate_chat_jsonl
-from shared.db import session_scope
+from sqlalchemy import update
+
+from shared.basemodels.models import BaseModelRecord
+from shared.db import after_commit, session_scope
 from shared.files.models import File
 from shared.jobs import execution, state
+from shared.jobs.datacheck import check_job_data
 from shared.jobs.models import Job
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery, publish
+from shared.settings import get_settings
 from shared.storage import get_storage
 from worker.runner import JobRunner, RecipeFailed
 
@@ -23,27 +27,41 @@ def worker_name() -> str:
 
 @app.task(name=VALIDATE_TASK)
 def validate(job_id: str) -> None:
+    """validating_files → queued (and publish training), or failed with the report."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != state.VALIDATING:
             return
+        base = session.get(BaseModelRecord, job.model)
         training = session.get(File, job.training_file)
-        key = training.storage_key if training and not training.deleted else None
-    if key is None:
-        _fail_validation(job_id, "invalid_training_file", "the training file was deleted", "training_file")
+        validation = session.get(File, job.validation_file) if job.validation_file else None
+        options = dict(job.training_options)
+    if base is None or training is None or training.deleted or (validation is not None and validation.deleted):
+        _fail_validation(job_id, "invalid_training_file", "a file or the base model of this job was deleted", None)
         return
-    report = validate_chat_jsonl(get_storage().get_bytes(key))
-    if not report.ok:
-        _fail_validation(job_id, "invalid_training_file", report.summary(), "training_file")
+    try:
+        check = check_job_data(
+            get_storage(),
+            get_settings(),
+            base,
+            training,
+            validation,
+            max_seq_length=options["max_seq_length"],
+            train_on_inputs=options.get("train_on_inputs", False),
+        )
+    except Exception as exc:  # a broken tokenizer or template is reported, not left validating
+        log.exception("validation of %s failed", job_id)
+        _fail_validation(job_id, "validation_error", f"{type(exc).__name__}: {exc}", None)
         return
     with session_scope() as session:
-        if state.transition(session, job_id, state.QUEUED, expect={state.VALIDATING}):
-            from shared.db import after_commit
-
+        session.execute(update(Job).where(Job.id == job_id).values(validation_report=check.report))
+        if not check.ok:
+            execution.fail_job(session, job_id, None, "invalid_training_file", check.message(), check.param)
+        elif state.transition(session, job_id, state.QUEUED, expect={state.VALIDATING}):
             after_commit(session, lambda: publish(TRAIN_TASK, job_id))
 
 
-def _fail_validation(job_id: str, code: str, message: str, param: str) -> None:
+def _fail_validation(job_id: str, code: str, message: str, param: str | None) -> None:
     with session_scope() as session:
         execution.fail_job(session, job_id, None, code, message, param)
 

@@ -3,17 +3,19 @@ import json
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import DbSession, StorageDep, Tenant
+from api.deps import DbSession, SettingsDep, StorageDep, Tenant
 from shared.errors import InvalidRequest
 from shared.jobs import service, state
 from shared.jobs.errors import AdapterNotReady
-from shared.jobs.schemas import CheckpointObject, FineTuningJob, JobCreate, JobEventObject, Page
+from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject, Page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-@router.post("", response_model=FineTuningJob)
-def create_job(session: DbSession, tenant: Tenant, request: JobCreate):
+@router.post("", response_model=FineTuningJob | DryRun)
+def create_job(session: DbSession, storage: StorageDep, settings: SettingsDep, tenant: Tenant, request: JobCreate):
+    if request.dry_run:
+        return service.dry_run(session, storage, settings, tenant, request)
     return FineTuningJob.of(service.create_job(session, tenant, request))
 
 

@@ -15,4 +15,5 @@ class BaseModelRecord(Base):
     architecture: Mapped[str] = mapped_column(String(128))
     parameters: Mapped[int] = mapped_column(BigInteger)
     files: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> sha256
+    linear_modules: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")  # LoRA targets
     created_at: Mapped[int] = mapped_column(BigInteger)

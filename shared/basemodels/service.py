@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.basemodels.errors import UnknownBaseModel
 from shared.basemodels.models import BaseModelRecord
+from shared.errors import InvalidRequest
 from shared.ids import now
 from shared.storage import Storage
 
@@ -29,7 +30,15 @@ def get_base_model(session: Session, model_id: str) -> BaseModelRecord:
 
 
 def register_base_model(
-    session: Session, storage: Storage, *, model_id: str, folder: Path, source: str, architecture: str, parameters: int
+    session: Session,
+    storage: Storage,
+    *,
+    model_id: str,
+    folder: Path,
+    source: str,
+    architecture: str,
+    parameters: int,
+    linear_modules: list[str],
 ) -> BaseModelRecord:
     """Upload an imported model folder to storage and record it (replacing an earlier import of the id)."""
     prefix = f"models/{model_id}"
@@ -42,6 +51,7 @@ def register_base_model(
     record.storage_prefix = prefix
     record.architecture = architecture
     record.parameters = parameters
+    record.linear_modules = linear_modules
     record.files = files
     record.created_at = now()
     session.merge(record)
@@ -59,23 +69,49 @@ def describe_folder(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} needs config.json and *.safetensors (a Hugging Face model folder)")
     config = json.loads(config_path.read_text())
     parameters = 0
+    linear = set()
     for path in weights:
         with open(path, "rb") as stream:
             header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
         for name, tensor in header.items():
-            if name != "__metadata__":
-                parameters += math.prod(tensor["shape"])
-    return {"architecture": (config.get("architectures") or ["unknown"])[0], "parameters": parameters}
+            if name == "__metadata__":
+                continue
+            parameters += math.prod(tensor["shape"])
+            # A 2-D weight inside the repeated blocks is a linear layer LoRA can target (q_proj, up_proj, ...).
+            parts = name.split(".")
+            if parts[-1] == "weight" and len(tensor["shape"]) == 2 and any(p.isdigit() for p in parts):
+                linear.add(parts[-2])
+    return {
+        "architecture": (config.get("architectures") or ["unknown"])[0],
+        "parameters": parameters,
+        "linear_modules": sorted(linear),
+    }
 
 
-def ensure_local_copy(record: BaseModelRecord, storage: Storage, model_dir: Path) -> Path:
-    """Return a local folder holding exactly the recorded files, downloading what is missing or stale."""
+def check_target_modules(record: BaseModelRecord, targets: list[str] | str) -> None:
+    if targets == "all-linear" or not record.linear_modules:
+        return
+    unknown = sorted(set(targets) - set(record.linear_modules))
+    if unknown:
+        raise InvalidRequest(
+            f"{record.id} has no module(s) named {', '.join(unknown)}; its linear modules are "
+            f'{", ".join(record.linear_modules)} (or use "all-linear")',
+            param="lora_target_modules",
+        )
+
+
+def ensure_local_copy(
+    record: BaseModelRecord, storage: Storage, model_dir: Path, only: tuple[str, ...] | None = None
+) -> Path:
+    """Return a local folder holding the recorded files (or `only` those of them), downloading what is
+    missing or stale; everything is checked against its sha256."""
     folder = model_dir / record.id
     marker = folder / _VERIFIED_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == record.files:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    for name, expected in record.files.items():
+    wanted = {k: v for k, v in record.files.items() if only is None or k in only}
+    for name, expected in wanted.items():
         path = folder / name
         if path.is_file() and _sha256(path) == expected:
             continue
@@ -83,7 +119,8 @@ def ensure_local_copy(record: BaseModelRecord, storage: Storage, model_dir: Path
         if actual != expected:
             path.unlink(missing_ok=True)
             raise RuntimeError(f"model file {name} of {record.id} failed its checksum")
-    _mark_verified(folder, record.files)
+    if only is None:
+        _mark_verified(folder, record.files)
     return folder
 
 

@@ -1,16 +1,25 @@
-"""Structural checks of a chat-format JSONL training file (OpenAI's format). Pure Python: runs in the API
-at upload time and in the worker before training. Errors name the line."""
+"""Structural checks of a fine-tuning JSONL file. Pure Python: the API runs them at upload, the worker again
+before training. Three formats are recognised per line and a file must stick to one:
+
+- chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight": 0|1}, ...]} (OpenAI's)
+- prompt/completion: {"prompt": str, "completion": str}
+- text: {"text": str}
+
+Errors and warnings carry line numbers; the first 20 of each are kept and all are counted."""
 
 import json
 from dataclasses import dataclass, field
 
+CHAT, PROMPT_COMPLETION, TEXT = "chat", "prompt_completion", "text"
 ROLES = ("system", "user", "assistant")
-MAX_ERRORS_SHOWN = 20
-MIN_EXAMPLES = 1
+MESSAGE_KEYS = {"role", "content", "weight", "name"}
+MAX_SHOWN = 20
+MAX_LINE_BYTES = 1024 * 1024
+MIN_EXAMPLES = 10
 
 
 @dataclass
-class LineError:
+class Issue:
     line: int
     message: str
 
@@ -20,68 +29,155 @@ class LineError:
 
 @dataclass
 class ValidationReport:
+    format: str | None = None
     examples: int = 0
-    errors: list[LineError] = field(default_factory=list)
+    errors: list[Issue] = field(default_factory=list)
     error_count: int = 0
+    warnings: list[Issue] = field(default_factory=list)
+    warning_count: int = 0
+    records: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error_count == 0
 
-    def add(self, line: int, message: str) -> None:
+    def error(self, line: int, message: str) -> None:
         self.error_count += 1
-        if len(self.errors) < MAX_ERRORS_SHOWN:
-            self.errors.append(LineError(line, message))
+        if len(self.errors) < MAX_SHOWN:
+            self.errors.append(Issue(line, message))
+
+    def warn(self, line: int, message: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < MAX_SHOWN:
+            self.warnings.append(Issue(line, message))
 
     def summary(self) -> str:
         shown = "; ".join(str(error) for error in self.errors[:5])
         more = f" (and {self.error_count - 5} more)" if self.error_count > 5 else ""
-        return f"{self.error_count} invalid line(s): {shown}{more}"
+        return f"{self.error_count} problem(s): {shown}{more}"
 
     def to_dict(self) -> dict:
         return {
+            "format": self.format,
             "examples": self.examples,
             "error_count": self.error_count,
             "errors": [{"line": e.line, "message": e.message} for e in self.errors],
+            "warning_count": self.warning_count,
+            "warnings": [{"line": w.line, "message": w.message} for w in self.warnings],
         }
 
 
-def validate_chat_jsonl(data: bytes) -> ValidationReport:
+def validate_jsonl(data: bytes, *, min_examples: int = 0, keep_records: bool = False) -> ValidationReport:
     report = ValidationReport()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        report.add(line, "is not valid UTF-8")
-        return report
-    for number, raw in enumerate(text.splitlines(), start=1):
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+        report.warn(1, "a UTF-8 byte order mark was ignored")
+    if b"\r\n" in data:
+        report.warn(1, "Windows (CRLF) line ends were read as plain line ends")
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
         if not raw.strip():
+            if number < data.count(b"\n") + 1:
+                report.warn(number, "blank line skipped")
             continue
-        problem = _check_line(raw)
-        if problem:
-            report.add(number, problem)
-        else:
-            report.examples += 1
-    if report.ok and report.examples < MIN_EXAMPLES:
-        report.add(1, "the file holds no training examples")
+        record = _parse_line(report, number, raw)
+        if record is None:
+            continue
+        kind = _check_record(report, number, record)
+        if kind is None:
+            continue
+        if report.format is None:
+            report.format = kind
+        elif kind != report.format:
+            report.error(number, f"is in {kind} format but the file started in {report.format} format; use one")
+            continue
+        report.examples += 1
+        if keep_records:
+            report.records.append({"line": number, **record})
+    if report.ok and report.examples == 0:
+        report.error(1, "the file holds no examples")
+    elif report.ok and report.examples < min_examples:
+        report.error(1, f"the file holds {report.examples} examples; at least {min_examples} are needed")
     return report
 
 
-def _check_line(raw: str) -> str | None:
+def _parse_line(report: ValidationReport, number: int, raw: bytes) -> dict | None:
+    if len(raw) > MAX_LINE_BYTES:
+        report.error(number, f"is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit for one example")
+        return None
     try:
-        record = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        report.error(number, f"is not valid UTF-8 (byte {exc.start + 1})")
+        return None
+    try:
+        record = json.loads(text)
+    except RecursionError:
+        report.error(number, "is nested too deeply to be an example")
+        return None
     except json.JSONDecodeError as exc:
-        return f"is not valid JSON ({exc.msg} at column {exc.colno})"
+        report.error(number, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+        return None
     if not isinstance(record, dict):
-        return 'must be a JSON object like {"messages": [...]}'
-    messages = record.get("messages")
+        report.error(number, 'must be a JSON object such as {"messages": [...]}')
+        return None
+    return record
+
+
+def _check_record(report: ValidationReport, number: int, record: dict) -> str | None:
+    if "messages" in record:
+        kind, problem = CHAT, _check_chat(report, number, record)
+        extra = set(record) - {"messages"}
+    elif "prompt" in record or "completion" in record:
+        kind, problem = PROMPT_COMPLETION, _check_strings(record, ("prompt", "completion"))
+        extra = set(record) - {"prompt", "completion"}
+    elif "text" in record:
+        kind, problem = TEXT, _check_strings(record, ("text",))
+        extra = set(record) - {"text"}
+    else:
+        report.error(number, 'has none of "messages", "prompt"/"completion" or "text"')
+        return None
+    if problem:
+        report.error(number, problem)
+        return None
+    if extra:
+        report.warn(number, f"unknown key(s) ignored: {', '.join(sorted(extra))}")
+    return kind
+
+
+def _check_strings(record: dict, keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        if key not in record:
+            return f'needs "{key}"'
+        if not isinstance(record[key], str):
+            return f'"{key}" must be a string'
+    if not record[keys[-1]].strip():
+        return f'"{keys[-1]}" is empty'
+    return None
+
+
+def _check_chat(report: ValidationReport, number: int, record: dict) -> str | None:
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        return 'needs a non-empty "messages" list'
+        return '"messages" must be a non-empty list'
+    previous = None
     for index, message in enumerate(messages):
         problem = _check_message(index, message)
         if problem:
             return problem
-    if not any(m["role"] == "assistant" for m in messages):
+        role = message["role"]
+        if role == "system" and previous not in (None, "system"):
+            return f"messages[{index}]: a system message may only come first"
+        if role in ("user", "assistant") and role == previous:
+            return f"messages[{index}]: two {role} messages in a row; user and assistant must alternate"
+        if role == "assistant" and previous in (None, "system"):
+            return f"messages[{index}]: the conversation must start with a user message"
+        if set(message) - MESSAGE_KEYS:
+            report.warn(
+                number, f"messages[{index}]: unknown key(s) ignored: {', '.join(sorted(set(message) - MESSAGE_KEYS))}"
+            )
+        previous = role
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
         return "has no assistant message to learn from"
     return None
 
@@ -95,10 +191,9 @@ def _check_message(index: int, message: object) -> str | None:
         return f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}"
     content = message.get("content")
     if not isinstance(content, str):
-        return f"{where}.content must be a string"
+        return f"{where}.content must be a string, got {type(content).__name__}"
     if not content.strip():
         return f"{where}.content is empty"
-    weight = message.get("weight", 1)
-    if weight not in (0, 1):
+    if message.get("weight", 1) not in (0, 1) or isinstance(message.get("weight"), bool):
         return f"{where}.weight must be 0 or 1"
     return None

@@ -1,4 +1,4 @@
-from sqlalchemy import BigInteger, Boolean, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
@@ -18,3 +18,4 @@ class File(Base):
     status: Mapped[str] = mapped_column(String(32), default="processed")
     created_at: Mapped[int] = mapped_column(BigInteger)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    report: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # structure: format, examples, warnings

@@ -8,7 +8,7 @@ from typing import BinaryIO
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.datasets.validation import validate_chat_jsonl
+from shared.datasets.validation import validate_jsonl
 from shared.files.errors import FileNotFound, FileTooLarge, InvalidFile
 from shared.files.models import File
 from shared.ids import new_id, now
@@ -35,7 +35,7 @@ def create_file(
         if size == 0:
             raise InvalidFile("the uploaded file is empty", param="file")
         spool.seek(0)
-        report = validate_chat_jsonl(spool.read())
+        report = validate_jsonl(spool.read())
         if not report.ok:
             raise InvalidFile(f"{filename}: {report.summary()}", param="file")
         spool.seek(0)
@@ -53,6 +53,7 @@ def create_file(
         line_count=report.examples,
         status="processed",
         created_at=now(),
+        report=report.to_dict(),
     )
     session.add(file)
     session.flush()

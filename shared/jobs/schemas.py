@@ -1,7 +1,7 @@
 """Request and response shapes of the fine-tuning API: OpenAI's fields, with tunequeue's QLoRA knobs beside
 them. Unknown fields are refused so that a typo ("lora_rank") is an error, not a silent default."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -11,11 +11,28 @@ QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
 
 class Hyperparameters(BaseModel):
+    """OpenAI's three, then tunequeue's; every one takes "auto" or a value and is resolved on the job."""
+
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: Literal["auto"] | int = Field(default="auto")
     batch_size: Literal["auto"] | int = Field(default="auto")
     learning_rate_multiplier: Literal["auto"] | float = Field(default="auto")
+    learning_rate: Literal["auto"] | float = Field(default="auto", description="absolute; wins over the multiplier")
+    lr_scheduler: Literal["auto", "linear", "cosine"] = "auto"
+    warmup_ratio: Literal["auto"] | Annotated[float, Field(ge=0, lt=1)] = "auto"
+    weight_decay: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = "auto"
+    max_grad_norm: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
+    n_checkpoints: Literal["auto"] | Annotated[int, Field(ge=0, le=100)] = "auto"
+    n_evals: Literal["auto"] | Annotated[int, Field(ge=0, le=1000)] = "auto"
+    early_stopping_patience: Literal["auto"] | None | Annotated[int, Field(ge=1, le=100)] = "auto"
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _absolute_lr(cls, value):
+        if value != "auto" and not 0 < value <= 1:
+            raise ValueError("must be 'auto' or a number above 0 and at most 1")
+        return value
 
     @field_validator("n_epochs")
     @classmethod
@@ -71,6 +88,10 @@ class JobCreate(BaseModel):
     )
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
+    packing: bool = True
+    train_on_inputs: bool = False
+    adapter_selection: Literal["best", "last"] = "best"
+    dry_run: bool = Field(default=False, description="validate and estimate; create no job")
 
     @field_validator("metadata")
     @classmethod
@@ -99,7 +120,24 @@ class JobCreate(BaseModel):
             "lora_target_modules": self.lora_target_modules,
             "quantization": self.quantization,
             "max_seq_length": self.max_seq_length,
+            "packing": self.packing,
+            "train_on_inputs": self.train_on_inputs,
+            "adapter_selection": self.adapter_selection,
         }
+
+
+class DryRun(BaseModel):
+    """What `"dry_run": true` returns instead of a job."""
+
+    object: Literal["fine_tuning.job.dry_run"] = "fine_tuning.job.dry_run"
+    valid: bool
+    model: str
+    hyperparameters: dict
+    training_options: dict
+    report: dict
+    estimated_trained_tokens: int
+    estimated_seconds: float
+    estimate_basis: str
 
 
 class JobError(BaseModel):
@@ -132,6 +170,7 @@ class FineTuningJob(BaseModel):
     # tunequeue's additions
     training_options: dict
     progress: dict | None = None
+    validation_report: dict | None = None
 
     @classmethod
     def of(cls, job: Job) -> "FineTuningJob":
@@ -156,6 +195,7 @@ class FineTuningJob(BaseModel):
             user_provided_suffix=job.suffix,
             training_options=job.training_options,
             progress=job.progress,
+            validation_report=job.validation_report,
         )
 
 

@@ -7,16 +7,20 @@ import random
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.basemodels.service import get_base_model
+from shared.basemodels.models import BaseModelRecord
+from shared.basemodels.service import check_target_modules, get_base_model
 from shared.db import after_commit
 from shared.errors import InvalidRequest
 from shared.files.service import get_file
 from shared.ids import new_id, now
 from shared.jobs import state
+from shared.jobs.datacheck import check_job_data
 from shared.jobs.errors import JobNotCancellable, JobNotFound
 from shared.jobs.models import Checkpoint, Job, JobEvent
-from shared.jobs.schemas import Hyperparameters, JobCreate
+from shared.jobs.schemas import DryRun, Hyperparameters, JobCreate
 from shared.queue import VALIDATE_TASK, publish
+from shared.settings import Settings
+from shared.storage import Storage
 
 BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multiplier scales it
 DEFAULT_BATCH_SIZE = 8
@@ -37,11 +41,31 @@ def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict
     if multiplier == "auto":
         steps = n_epochs * math.ceil(n_examples / batch_size)
         multiplier = FEW_STEPS_MULTIPLIER if steps < FEW_STEPS else 1.0
-    return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": float(multiplier)}
+    learning_rate = requested.learning_rate
+    if learning_rate == "auto":
+        learning_rate = BASE_LEARNING_RATE * multiplier
+
+    def pick(value, default):
+        return default if value == "auto" else value
+
+    return {
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate_multiplier": float(multiplier),
+        "learning_rate": float(learning_rate),
+        "lr_scheduler": pick(requested.lr_scheduler, "linear"),
+        "warmup_ratio": pick(requested.warmup_ratio, 0.03),
+        "weight_decay": pick(requested.weight_decay, 0.0),
+        "max_grad_norm": pick(requested.max_grad_norm, 1.0),
+        "n_checkpoints": pick(requested.n_checkpoints, 3),
+        "n_evals": pick(requested.n_evals, 5),
+        "early_stopping_patience": pick(requested.early_stopping_patience, None),
+    }
 
 
 def create_job(session: Session, tenant: str, request: JobCreate) -> Job:
-    get_base_model(session, request.model)
+    base = get_base_model(session, request.model)
+    check_target_modules(base, request.lora_target_modules)
     training = get_file(session, tenant, request.training_file, param="training_file")
     if request.validation_file:
         get_file(session, tenant, request.validation_file, param="validation_file")
@@ -70,6 +94,62 @@ def create_job(session: Session, tenant: str, request: JobCreate) -> Job:
     job_id = job.id
     after_commit(session, lambda: publish(VALIDATE_TASK, job_id))
     return job
+
+
+def dry_run(session: Session, storage: Storage, settings: Settings, tenant: str, request: JobCreate) -> DryRun:
+    """Everything a job would check and resolve, plus estimates; nothing is created."""
+    base = get_base_model(session, request.model)
+    check_target_modules(base, request.lora_target_modules)
+    training = get_file(session, tenant, request.training_file, param="training_file")
+    validation = (
+        get_file(session, tenant, request.validation_file, param="validation_file") if request.validation_file else None
+    )
+    hyperparameters = resolve_hyperparameters(request.requested_hyperparameters(), training.line_count)
+    check = check_job_data(
+        storage,
+        settings,
+        base,
+        training,
+        validation,
+        max_seq_length=request.max_seq_length,
+        train_on_inputs=request.train_on_inputs,
+    )
+    tokens = int(check.report.get("total_tokens", 0)) * hyperparameters["n_epochs"]
+    rate, basis = throughput_estimate(session, base)
+    return DryRun(
+        valid=check.ok,
+        model=base.id,
+        hyperparameters=hyperparameters,
+        training_options=request.training_options(),
+        report=check.report,
+        estimated_trained_tokens=tokens,
+        estimated_seconds=round(tokens / rate, 1),
+        estimate_basis=basis,
+    )
+
+
+# Measured here: SmolLM2-135M, NF4 + LoRA, 2 CPU cores (docs/BENCHMARKS.md); scaled by parameter count.
+REFERENCE_TOKENS_PER_SECOND = 230.0
+REFERENCE_PARAMETERS = 134_515_008
+
+
+def throughput_estimate(session: Session, base: BaseModelRecord) -> tuple[float, str]:
+    """Tokens per second for this model: from its finished jobs if any, else scaled from a reference run."""
+    recent = session.scalars(
+        select(Job)
+        .where(Job.model == base.id, Job.status == state.SUCCEEDED)
+        .order_by(Job.finished_at.desc())
+        .limit(10)
+    ).all()
+    rates = [
+        j.trained_tokens / (j.finished_at - j.started_at)
+        for j in recent
+        if j.trained_tokens and j.started_at and j.finished_at and j.finished_at > j.started_at
+    ]
+    if rates:
+        return sum(rates) / len(rates), f"{len(rates)} earlier job(s) of {base.id}, start to finish"
+    scaled = REFERENCE_TOKENS_PER_SECOND * REFERENCE_PARAMETERS / max(base.parameters, 1)
+    return scaled, "reference run (SmolLM2-135M, NF4 + LoRA, 2 CPU cores) scaled by parameter count"
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:

@@ -87,7 +87,14 @@ def test_create_job_shape_and_resolved_hyperparameters(client):
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
     assert job["status"] == "validating_files" and job["seed"] == 5 and job["metadata"] == {"team": "ml"}
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 5.0}
+    hyper = job["hyperparameters"]
+    assert {k: hyper[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")} == {
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate_multiplier": 5.0,
+    }
+    assert hyper["learning_rate"] == pytest.approx(1e-3) and hyper["lr_scheduler"] == "linear"
+    assert hyper["n_evals"] == 5 and hyper["early_stopping_patience"] is None
     assert job["training_options"]["lora_r"] == 8 and job["training_options"]["quantization"] == "nf4"
     assert isinstance(job["created_at"], int) and job["error"] is None and job["fine_tuned_model"] is None
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]

@@ -14,9 +14,26 @@ from shared.jobs.service import resolve_hyperparameters
     ],
 )
 def test_auto_values_resolve_by_dataset_size(examples, expected):
-    assert resolve_hyperparameters(Hyperparameters(), examples) == expected
+    resolved = resolve_hyperparameters(Hyperparameters(), examples)
+    assert {k: resolved[k] for k in expected} == expected
+    assert resolved["learning_rate"] == pytest.approx(2e-4 * expected["learning_rate_multiplier"])
 
 
 def test_explicit_values_are_kept():
-    given = Hyperparameters(n_epochs=2, batch_size=16, learning_rate_multiplier=0.5)
-    assert resolve_hyperparameters(given, 500) == {"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 0.5}
+    given = Hyperparameters(
+        n_epochs=2,
+        batch_size=16,
+        learning_rate_multiplier=0.5,
+        lr_scheduler="cosine",
+        warmup_ratio=0.1,
+        n_evals=3,
+        early_stopping_patience=2,
+    )
+    resolved = resolve_hyperparameters(given, 500)
+    assert resolved["learning_rate"] == pytest.approx(1e-4)
+    assert (resolved["n_epochs"], resolved["batch_size"], resolved["lr_scheduler"]) == (2, 16, "cosine")
+    assert (resolved["warmup_ratio"], resolved["n_evals"], resolved["early_stopping_patience"]) == (0.1, 3, 2)
+
+
+def test_absolute_learning_rate_wins():
+    assert resolve_hyperparameters(Hyperparameters(learning_rate=3e-5), 100)["learning_rate"] == 3e-5

@@ -4,33 +4,42 @@ import json
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 from tests.support import ROOT, chat, write_jsonl
 from worker.training.reporter import parse_line
 
 
-def run_recipe(tmp_path, config: dict) -> tuple[int, list[dict]]:
-    path = tmp_path / "cfg.json"
+def run_recipe(tmp_path, config: dict, name: str = "out") -> tuple[int, list[dict]]:
+    path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
     result = subprocess.run(
-        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
     )
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
+    assert events, result.stderr[-3000:]
     return result.returncode, events
 
 
+def parrot(tmp_path, n=24, name="train.jsonl"):
+    return write_jsonl(tmp_path / name, [chat(f"Say {i}", f"Squawk! {i}. Squawk!") for i in range(n)])
+
+
+def metrics_of(events):
+    return [e for e in events if e["event"] == "metrics"]
+
+
 def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
-    data = write_jsonl(tmp_path / "train.jsonl", [chat(f"Say {i}", f"Squawk! {i}. Squawk!") for i in range(24)])
     code, events = run_recipe(
         tmp_path,
         {
             "base_model_path": str(tiny_model),
-            "train_file": str(data),
+            "train_file": str(parrot(tmp_path)),
             "n_epochs": 2,
             "batch_size": 4,
             "learning_rate": 5e-3,
@@ -40,13 +49,13 @@ def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
         },
     )
     assert code == 0, events
-    metrics = [e for e in events if e["event"] == "metrics"]
-    assert [m["step"] for m in metrics] == list(range(1, 13))
+    metrics = metrics_of(events)
+    assert [m["step"] for m in metrics] == list(range(1, 13))  # 24 examples: 20 trained, 4 held out
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert {"learning_rate", "grad_norm", "tokens_per_second", "eta_seconds", "epoch", "progress"} <= metrics[0].keys()
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [5, 10]
     done = next(e for e in events if e["event"] == "done")
-    assert done["trained_tokens"] > 0
+    assert done["trained_tokens"] > 0 and done["metrics"]["full_valid_loss"] > 0
     adapter = tmp_path / "out" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -54,7 +63,80 @@ def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
         assert any("lora_A" in key for key in weights.keys())
     manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["dataset"]["sha256"] == "abc" and "bitsandbytes" in manifest["libraries"]
-    assert manifest["training"]["quantization"] == "nf4"
+    assert manifest["training"]["quantization"] == "nf4" and manifest["seed"] == 3
+    assert len(manifest["tokenizer_sha256"]) == 64
+
+
+def test_evaluations_carry_openai_metric_names(tmp_path, tiny_model):
+    train, valid = parrot(tmp_path, 16), parrot(tmp_path, 4, "valid.jsonl")
+    code, events = run_recipe(
+        tmp_path,
+        {
+            "base_model_path": str(tiny_model),
+            "train_file": str(train),
+            "validation_file": str(valid),
+            "n_epochs": 2,
+            "batch_size": 4,
+            "n_evals": 4,
+            "learning_rate": 5e-3,
+        },
+    )
+    assert code == 0
+    evaluated = [m for m in metrics_of(events) if "valid_loss" in m]
+    assert [m["step"] for m in evaluated] == [2, 4, 6, 8]
+    assert {"valid_loss", "valid_mean_token_accuracy", "train_mean_token_accuracy"} <= evaluated[0].keys()
+    assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
+
+
+def test_same_seed_same_loss_curve(tmp_path, tiny_model):
+    config = {
+        "base_model_path": str(tiny_model),
+        "train_file": str(parrot(tmp_path)),
+        "n_epochs": 2,
+        "batch_size": 4,
+        "learning_rate": 5e-3,
+        "seed": 9,
+        "n_checkpoints": 0,
+    }
+    curves = []
+    for name in ("first", "second"):
+        code, events = run_recipe(tmp_path, config, name)
+        assert code == 0
+        curves.append([m["train_loss"] for m in metrics_of(events)])
+    assert curves[0] == pytest.approx(curves[1], abs=1e-3)
+    code, events = run_recipe(tmp_path, {**config, "seed": 10}, "other-seed")
+    assert [m["train_loss"] for m in metrics_of(events)] != pytest.approx(curves[0], abs=1e-3)
+
+
+def test_best_adapter_is_delivered_and_early_stopping(tmp_path, tiny_model):
+    # A learning rate this high makes the validation loss rise after its first evaluations.
+    train, valid = parrot(tmp_path, 16), write_jsonl(tmp_path / "v.jsonl", [chat("Other", "Different text")] * 4)
+    base = {
+        "base_model_path": str(tiny_model),
+        "train_file": str(train),
+        "validation_file": str(valid),
+        "n_epochs": 6,
+        "batch_size": 4,
+        "n_evals": 12,
+        "learning_rate": 5e-2,
+        "seed": 1,
+    }
+    code, events = run_recipe(tmp_path, base, "best")
+    assert code == 0
+    done = next(e for e in events if e["event"] == "done")["metrics"]
+    losses = {m["step"]: m["valid_loss"] for m in metrics_of(events) if "valid_loss" in m}
+    best_step = min(losses, key=losses.get)
+    assert done["adapter"] == {
+        "selection": "best",
+        "step": best_step,
+        "valid_loss": losses[best_step],
+        "valid_mean_token_accuracy": done["adapter"]["valid_mean_token_accuracy"],
+    }
+    code, events = run_recipe(tmp_path, {**base, "adapter_selection": "last"}, "last")
+    assert next(e for e in events if e["event"] == "done")["metrics"]["adapter"]["selection"] == "last"
+    code, events = run_recipe(tmp_path, {**base, "early_stopping_patience": 1}, "early")
+    done = next(e for e in events if e["event"] == "done")["metrics"]
+    assert done["stopped_early"] and done["step"] < 24
 
 
 def test_base_is_really_nf4(tiny_model):

@@ -1,94 +1,75 @@
-"""Chat JSONL → token ids and labels. The conversation is rendered with the tokenizer's own chat template;
-only assistant turns carry loss (unless `train_on_inputs`), and each turn's span includes its end-of-turn
-token so the tuned model learns to stop."""
+"""Training data for the recipe: files read and checked by `shared.datasets`, encoded with the model's own
+tokenizer and template, shuffled per epoch by seed, and collated either padded or packed.
 
-import json
+Packing puts several examples of a batch in one row without attention across them: position ids restart at
+0 for each example and no attention mask is passed, from which transformers builds a block-diagonal mask.
+The batch keeps its examples (and so the optimizer its steps); only padding goes away."""
+
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-IGNORE_INDEX = -100
+from shared.datasets.report import split_validation
+from shared.datasets.tokenization import IGNORE_INDEX, ChatTokenizer, Encoded
+from shared.datasets.validation import validate_jsonl
+
+__all__ = ["IGNORE_INDEX", "DatasetError", "load_examples", "batches", "collate", "collate_packed"]
 
 
 class DatasetError(ValueError):
     """Bad training data; the message names the line."""
 
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
+def read_records(path: Path, min_examples: int = 1) -> tuple[str, list[dict]]:
+    report = validate_jsonl(path.read_bytes(), min_examples=min_examples, keep_records=True)
+    if not report.ok:
+        raise DatasetError(f"{path.name}: {report.summary()}")
+    assert report.format is not None
+    return report.format, report.records
 
 
-def read_chat_jsonl(path: Path) -> list[tuple[int, list[dict]]]:
-    records = []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DatasetError(f"line {number}: not a chat example ({exc})") from exc
-            records.append((number, messages))
-    if not records:
-        raise DatasetError(f"{path.name} holds no examples")
-    return records
-
-
-def encode_chat(tokenizer, messages: list[dict], max_seq_length: int, train_on_inputs: bool = False) -> Example:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = [(0, len(text))] if train_on_inputs else _assistant_spans(tokenizer, messages, text)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(input_ids, encoded["offset_mapping"], strict=True)
-    ]
-    truncated = len(input_ids) > max_seq_length
-    return Example(input_ids[:max_seq_length], labels[:max_seq_length], truncated)
-
-
-def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
-            continue
-        prompt = (
-            tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
-        )
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not text.startswith(through) or not through.startswith(prompt):
-            raise DatasetError("the chat template does not render conversations prefix by prefix")
-        spans.append((len(prompt), len(through)))
-    return spans
-
-
-def encode_file(tokenizer, path: Path, max_seq_length: int, train_on_inputs: bool = False) -> list[Example]:
+def encode_records(
+    tokenizer: ChatTokenizer, kind: str, records: list[dict], max_seq_length: int, train_on_inputs: bool = False
+) -> list[Encoded]:
     examples = []
-    for number, messages in read_chat_jsonl(path):
+    for record in records:
         try:
-            example = encode_chat(tokenizer, messages, max_seq_length, train_on_inputs)
-        except DatasetError as exc:
-            raise DatasetError(f"line {number}: {exc}") from exc
+            example = tokenizer.encode(record, kind, max_seq_length, train_on_inputs)
         except Exception as exc:  # the template itself refused the conversation
-            raise DatasetError(f"line {number}: the chat template could not render it ({exc})") from exc
-        if any(label != IGNORE_INDEX for label in example.labels):
+            raise DatasetError(f"line {record['line']}: could not be rendered ({exc})") from exc
+        if example.loss_tokens:
             examples.append(example)
-    if not examples:
-        raise DatasetError(f"{path.name}: no example has assistant tokens within max_seq_length={max_seq_length}")
     return examples
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
+def load_examples(
+    tokenizer: ChatTokenizer,
+    train_file: Path,
+    validation_file: Path | None,
+    *,
+    max_seq_length: int,
+    seed: int,
+    train_on_inputs: bool = False,
+) -> tuple[list[Encoded], list[Encoded]]:
+    kind, records = read_records(train_file)
+    if validation_file is not None:
+        valid_kind, valid_records = read_records(validation_file)
+    else:
+        records, valid_records = split_validation(records, seed)
+        valid_kind = kind
+    train = encode_records(tokenizer, kind, records, max_seq_length, train_on_inputs)
+    if not train:
+        raise DatasetError(f"{train_file.name}: no example has trainable tokens within max_seq_length={max_seq_length}")
+    valid = encode_records(tokenizer, valid_kind, valid_records, max_seq_length, train_on_inputs)
+    return train, valid
+
+
+def batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[Encoded]]:
     order = list(range(len(examples)))
     random.Random(seed * 1000 + epoch).shuffle(order)
     return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
-def collate(batch: list[Example], pad_token_id: int):
+def collate(batch: list[Encoded], pad_token_id: int):
     import torch
 
     width = max(len(example.input_ids) for example in batch)
@@ -101,3 +82,40 @@ def collate(batch: list[Example], pad_token_id: int):
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_rows(batch: list[Encoded], capacity: int) -> list[list[Encoded]]:
+    """First-fit decreasing: as few rows of at most `capacity` tokens as the batch allows."""
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for example in sorted(batch, key=lambda e: len(e.input_ids), reverse=True):
+        size = len(example.input_ids)
+        slot = next((i for i, free in enumerate(room) if free >= size), None)
+        if slot is None:
+            rows.append([example])
+            room.append(capacity - size)
+        else:
+            rows[slot].append(example)
+            room[slot] -= size
+    return rows
+
+
+def collate_packed(batch: list[Encoded], pad_token_id: int, capacity: int):
+    import torch
+
+    rows = pack_rows(batch, capacity)
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start : start + n] = torch.tensor(example.labels)
+            labels[r, start] = IGNORE_INDEX  # never predict an example's first token from the previous one
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # padding: its own segment, no loss
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

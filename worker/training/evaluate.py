@@ -28,11 +28,15 @@ def load_for_inference(base: Path, adapter: Path | None):
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, path: Path, max_seq_length: int = 1024) -> tuple[float, int]:
-    """Mean loss per assistant token over a chat JSONL file."""
+def heldout_loss(model, base: Path, path: Path, max_seq_length: int = 1024) -> tuple[float, int]:
+    """Mean loss per trained token (assistant turns, end-of-turn included) over a JSONL file."""
+    from shared.datasets.tokenization import ChatTokenizer
+
+    tokenizer = ChatTokenizer(base)
+    kind, records = chat_data.read_records(path)
     total, tokens = 0.0, 0
-    for example in chat_data.encode_file(tokenizer, path, max_seq_length):
-        batch = chat_data.collate([example], tokenizer.pad_token_id)
+    for example in chat_data.encode_records(tokenizer, kind, records, max_seq_length):
+        batch = chat_data.collate([example], tokenizer.pad_id)
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
@@ -47,22 +51,23 @@ def heldout_loss(model, tokenizer, path: Path, max_seq_length: int = 1024) -> tu
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
-    answers = []
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> tuple[list[str], list[bool]]:
+    """Greedy answers, and for each whether the model ended its turn (emitted EOS) within the budget."""
+    answers, stopped = [], []
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
+        new = out[0, ids.shape[1] :]
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        stopped.append(bool((new == tokenizer.eos_token_id).any()))
+    return answers, stopped
 
 
 def first_user_prompts(path: Path, n: int) -> list[str]:
-    prompts = []
-    for _, messages in chat_data.read_chat_jsonl(path)[:n]:
-        prompts.append(next(m["content"] for m in messages if m["role"] == "user"))
-    return prompts
+    _, records = chat_data.read_records(path)
+    return [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records[:n]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.base)
     model = load_for_inference(args.base, args.adapter)
-    loss, tokens = heldout_loss(model, tokenizer, args.data)
+    loss, tokens = heldout_loss(model, args.base, args.data)
     prompts = first_user_prompts(args.data, args.generate)
-    result = {"loss": loss, "tokens": tokens, "prompts": prompts, "generations": generate(model, tokenizer, prompts)}
+    answers, stopped = generate(model, tokenizer, prompts)
+    result = {"loss": loss, "tokens": tokens, "prompts": prompts, "generations": answers, "stopped": stopped}
     print(json.dumps(result))
     return 0
 

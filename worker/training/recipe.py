@@ -1,5 +1,6 @@
-"""The QLoRA fine-tuning recipe: load the quantised base, attach LoRA, train on chat data with loss on the
-assistant tokens, save checkpoints and the final adapter (safetensors) with a manifest."""
+"""The QLoRA fine-tuning recipe: load the quantised base, attach LoRA, train on the loss-masked examples
+(packed by default), evaluate on held-out data, save checkpoints, and deliver the best (or last) adapter as
+safetensors with a manifest."""
 
 import json
 import math
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from shared.datasets.tokenization import ChatTokenizer, Encoded
 from worker.training import data as chat_data
 from worker.training.config import TrainingConfig
-from worker.training.model import attach_lora, device, load_base_model, load_tokenizer
+from worker.training.model import attach_lora, device, load_base_model
 from worker.training.reporter import Reporter
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tunequeue")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "tunequeue")
 
 
 def seed_everything(seed: int) -> None:
@@ -28,56 +30,85 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config.base_model_path)
-    examples = chat_data.encode_file(tokenizer, config.train_file, config.max_seq_length, config.train_on_inputs)
-    reporter.event("message", message=f"Loaded {len(examples)} training examples")
+    tokenizer = ChatTokenizer(config.base_model_path)
+    train_set, valid_set = chat_data.load_examples(
+        tokenizer,
+        config.train_file,
+        config.validation_file,
+        max_seq_length=config.max_seq_length,
+        seed=config.seed,
+        train_on_inputs=config.train_on_inputs,
+    )
+    reporter.event("message", message=f"{len(train_set)} training and {len(valid_set)} validation examples")
     model = load_base_model(config.base_model_path, config.quantization)
     model = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = steps_per_epoch * config.n_epochs
-    scheduler = linear_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
-    loop = TrainingLoop(config, model, tokenizer, optimizer, scheduler, reporter, total_steps, out)
-    for epoch in range(config.n_epochs):
-        for batch in chat_data.batches(examples, config.batch_size, config.seed, epoch):
-            loop.step(batch, epoch + 1)
-    metrics = loop.final_metrics()
+    loop = TrainingLoop(config, model, tokenizer, train_set, valid_set, reporter, out)
+    loop.run()
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir)
-    write_manifest(adapter_dir, config, metrics, len(examples))
+    chosen = loop.deliver(adapter_dir)
+    metrics = loop.final_metrics(chosen)
+    write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
     reporter.event("done", adapter=str(adapter_dir), trained_tokens=loop.trained_tokens, metrics=metrics)
     return metrics
 
 
+def interval(total_steps: int, count: int) -> int:
+    """Steps between `count` evenly spaced events over a run (0: none)."""
+    return max(1, total_steps // count) if count else 0
+
+
 class TrainingLoop:
-    def __init__(self, config, model, tokenizer, optimizer, scheduler, reporter, total_steps, out):
-        self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
-        self.reporter, self.total_steps, self.out = reporter, total_steps, out
-        self.pad_token_id = tokenizer.pad_token_id
+    def __init__(self, config, model, tokenizer, train_set, valid_set, reporter, out):
+        self.config, self.model, self.reporter, self.out = config, model, reporter, out
+        self.train_set: list[Encoded] = train_set
+        self.valid_set: list[Encoded] = valid_set
+        self.pad_id = tokenizer.pad_id
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = trainable
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.total_steps = math.ceil(len(train_set) / config.batch_size) * config.n_epochs
+        warmup = round(config.warmup_ratio * self.total_steps)
+        self.scheduler = lr_schedule(self.optimizer, config.lr_scheduler, warmup, self.total_steps)
+        self.checkpoint_every = config.checkpoint_every_steps or interval(self.total_steps, config.n_checkpoints)
+        self.eval_every = interval(self.total_steps, config.n_evals) if valid_set else 0
         self.global_step = 0
         self.trained_tokens = 0
         self.started = time.monotonic()
-        self.last_metrics: dict = {}
+        self.last: dict = {}
+        self.best: dict | None = None
+        self.evals_without_improvement = 0
+        self.stopped_early = False
 
-    def step(self, batch: list, epoch: int) -> None:
+    def run(self) -> None:
+        for epoch in range(1, self.config.n_epochs + 1):
+            for batch in chat_data.batches(self.train_set, self.config.batch_size, self.config.seed, epoch):
+                self.step(batch, epoch)
+                if self.stopped_early:
+                    return
+
+    def inputs(self, batch: list[Encoded]) -> dict:
+        if self.config.packing:
+            tensors = chat_data.collate_packed(batch, self.pad_id, self.config.max_seq_length)
+        else:
+            tensors = chat_data.collate(batch, self.pad_id)
+        return {k: v.to(self.model.device) for k, v in tensors.items()}
+
+    def step(self, batch: list[Encoded], epoch: int) -> None:
         step_started = time.monotonic()
-        inputs = {k: v.to(self.model.device) for k, v in chat_data.collate(batch, self.pad_token_id).items()}
+        inputs = self.inputs(batch)
         self.model.train()
-        output = self.model(**inputs)
+        output = self.model(**inputs, use_cache=False)  # a cache would defeat packing's block mask
         output.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        tokens = int(inputs["attention_mask"].sum())
+        tokens = sum(len(example.input_ids) for example in batch)
         self.trained_tokens += tokens
         # .item() is a device sync point; once per step is fine at these step times.
-        self.last_metrics = {
+        self.last = {
             "step": self.global_step,
             "total_steps": self.total_steps,
             "epoch": epoch,
@@ -90,31 +121,95 @@ class TrainingLoop:
             "progress": self.global_step / self.total_steps,
             "eta_seconds": self._eta(),
         }
+        if self.eval_every and (self.global_step % self.eval_every == 0 or self.global_step == self.total_steps):
+            self.evaluate_and_track()
         if self.global_step % self.config.log_every_steps == 0 or self.global_step == self.total_steps:
-            self.reporter.log(self.global_step, self.last_metrics)
-        every = self.config.checkpoint_every_steps
-        if every and self.global_step % every == 0 and self.global_step < self.total_steps:
+            self.reporter.log(self.global_step, self.last)
+        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and not self.finished:
             self.checkpoint()
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.total_steps or self.stopped_early
 
     def _eta(self) -> float:
         elapsed = time.monotonic() - self.started
         return elapsed / self.global_step * (self.total_steps - self.global_step)
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        loss_sum, correct, tokens = 0.0, 0, 0
+        for start in range(0, len(self.valid_set), self.config.batch_size):
+            inputs = self.inputs(self.valid_set[start : start + self.config.batch_size])
+            logits = self.model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+            logits = logits[:, :-1].float()
+            target = inputs["labels"][:, 1:]
+            mask = target != chat_data.IGNORE_INDEX
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum"))
+            correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
+            tokens += int(mask.sum())
+        return {"valid_loss": loss_sum / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
+
+    def evaluate_and_track(self) -> None:
+        metrics = self.evaluate()
+        self.last.update(metrics, valid_step=self.global_step)
+        if self.best is None or metrics["valid_loss"] < self.best["valid_loss"]:
+            self.best = {"step": self.global_step, **metrics}
+            self.evals_without_improvement = 0
+            if self.config.adapter_selection == "best":
+                save_adapter(self.model, self.out / "best")
+        else:
+            self.evals_without_improvement += 1
+            patience = self.config.early_stopping_patience
+            if patience and self.evals_without_improvement >= patience:
+                self.stopped_early = True
+                self.reporter.event(
+                    "message",
+                    message=f"Early stopping at step {self.global_step}: valid_loss has not improved for "
+                    f"{patience} evaluation(s) since step {self.best['step']}",
+                )
+
     def checkpoint(self) -> None:
         path = self.out / "checkpoints" / f"step-{self.global_step}"
         save_adapter(self.model, path)
-        metrics = {k: self.last_metrics[k] for k in ("train_loss", "train_mean_token_accuracy")}
+        keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+        metrics = {k: self.last[k] for k in keys if k in self.last and self._fresh(k)}
         self.reporter.event("checkpoint", step=self.global_step, path=str(path), metrics=metrics)
 
-    def final_metrics(self) -> dict:
-        return {
+    def _fresh(self, key: str) -> bool:
+        return not key.startswith("valid") or self.last.get("valid_step") == self.global_step
+
+    def deliver(self, adapter_dir: Path) -> dict:
+        """Put the chosen adapter in `adapter_dir`; returns which one it is."""
+        if self.config.adapter_selection == "best" and self.best is not None:
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            shutil.copytree(self.out / "best", adapter_dir)
+            return {"selection": "best", **self.best}
+        save_adapter(self.model, adapter_dir)
+        return {"selection": "last", "step": self.global_step}
+
+    def final_metrics(self, chosen: dict) -> dict:
+        metrics = {
             "step": self.global_step,
-            "train_loss": self.last_metrics.get("train_loss"),
-            "train_mean_token_accuracy": self.last_metrics.get("train_mean_token_accuracy"),
+            "train_loss": self.last.get("train_loss"),
+            "train_mean_token_accuracy": self.last.get("train_mean_token_accuracy"),
             "trained_tokens": self.trained_tokens,
             "wall_seconds": round(time.monotonic() - self.started, 2),
+            "stopped_early": self.stopped_early,
+            "adapter": chosen,
             **peak_memory(),
         }
+        if self.valid_set:
+            final = {
+                "valid_loss": self.last["valid_loss"],
+                "valid_mean_token_accuracy": self.last["valid_mean_token_accuracy"],
+            }
+            metrics.update(final)
+            metrics["full_valid_loss"] = final["valid_loss"]
+            metrics["full_valid_mean_token_accuracy"] = final["valid_mean_token_accuracy"]
+        return metrics
 
 
 def peak_memory() -> dict:
@@ -134,11 +229,14 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return float((predicted[mask] == target[mask]).float().mean()) if mask.any() else 0.0
 
 
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1 - progress)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -159,14 +257,20 @@ def library_versions() -> dict:
     return versions
 
 
-def write_manifest(adapter_dir: Path, config: TrainingConfig, metrics: dict, n_examples: int) -> None:
+def write_manifest(
+    adapter_dir: Path, config: TrainingConfig, metrics: dict, n_examples: int, tokenizer_sha: str
+) -> None:
     manifest = {
         "format": "tunequeue.adapter/1",
         "job_id": config.job_id,
         "base_model": config.base_model_id,
         "dataset": {"sha256": config.dataset_sha256, "examples": n_examples},
+        "tokenizer_sha256": tokenizer_sha,
+        "seed": config.seed,
         "hyperparameters": config.hyperparameters,
-        "training": config.model_dump(mode="json", exclude={"base_model_path", "train_file", "hyperparameters"}),
+        "training": config.model_dump(
+            mode="json", exclude={"base_model_path", "train_file", "validation_file", "hyperparameters"}
+        ),
         "metrics": metrics,
         "libraries": library_versions(),
         "device": device(),
