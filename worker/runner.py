@@ -254,15 +254,19 @@ def zip_folder(folder: Path) -> bytes:
 
 
 def metrics_csv(rows: list[dict]) -> bytes:
+    # OpenAI's result-file columns first, then tunequeue's.
     columns = [
         "step",
-        "epoch",
         "train_loss",
-        "train_mean_token_accuracy",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "epoch",
         "learning_rate",
         "grad_norm",
         "tokens_per_second",
     ]
+    rows = [{**row, "train_accuracy": row.get("train_mean_token_accuracy")} for row in rows]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -41,7 +41,8 @@ def build_report(
     validation: ValidationReport | None = None,
 ) -> dict:
     """Statistics under the model's tokenizer and template; adds errors to `structure` for unusable data."""
-    encoded = [tokenizer.encode(r, structure.format, max_seq_length, train_on_inputs) for r in structure.records]
+    kind = structure.format or "chat"
+    encoded = [tokenizer.encode(r, kind, max_seq_length, train_on_inputs) for r in structure.records]
     lengths = [e.full_length for e in encoded]
     truncated = sum(e.truncated for e in encoded)
     no_loss = [r["line"] for r, e in zip(structure.records, encoded, strict=True) if e.loss_tokens == 0]

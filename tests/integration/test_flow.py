@@ -54,7 +54,11 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     assert "train_loss" in checkpoints[0]["metrics"]
 
     results = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text
-    assert results.splitlines()[0].startswith("step,epoch,train_loss") and len(results.splitlines()) == 25
+    assert results.splitlines()[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    assert len(results.splitlines()) == 25
+    report = job["validation_report"]
+    assert report["examples"] == 32 and report["format"] == "chat" and report["loss_tokens"] > 0
+    assert "valid_loss" in checkpoints[0]["metrics"]  # step 20 is also an evaluation step
 
     response = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
     assert response.status_code == 200
@@ -97,14 +101,18 @@ def test_embedded_defaults_end_to_end(embedded_env, make_stack, tiny_model, tmp_
     assert list((data_dir / "storage" / "tenants").rglob("adapter.zip"))
 
 
-def test_worker_side_data_error_fails_job_with_code(embedded_env, make_stack, tiny_model, tmp_path):
+def test_data_problems_fail_the_job_in_validation(embedded_env, make_stack, tiny_model, tmp_path):
     stack = make_stack(embedded_env, tiny_model)
-    long_prompts = write_jsonl(tmp_path / "long.jsonl", [chat("word " * 300, "short answer") for _ in range(4)])
-    job = stack.create_job(model="tiny-llama", training_file=stack.upload(long_prompts)["id"], max_seq_length=32)
-    job = stack.wait(job["id"], timeout=180)
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "invalid_training_file" and "max_seq_length" in job["error"]["message"]
-    assert job["error"]["param"] == "training_file"
+    long_prompts = write_jsonl(tmp_path / "long.jsonl", [chat(f"word {i} " * 300, "short answer") for i in range(12)])
+    too_long = stack.create_job(model="tiny-llama", training_file=stack.upload(long_prompts)["id"], max_seq_length=32)
+    too_few = stack.create_job(model="tiny-llama", training_file=stack.upload(parrot_data(tmp_path, n=5))["id"])
+    for job_id, fragment in ((too_long["id"], "every example is longer than max_seq_length=32"),
+                             (too_few["id"], "5 examples; at least 10")):
+        job = stack.wait(job_id, timeout=180)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "invalid_training_file" and fragment in job["error"]["message"]
+        assert job["error"]["param"] == "training_file"
+        assert job["validation_report"]["error_count"] >= 1 and job["trained_tokens"] is None
 
 
 def test_cancel_running_job(production_env, make_stack, tiny_model, tmp_path):

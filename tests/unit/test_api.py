@@ -175,3 +175,64 @@ def test_pagination_of_jobs(client):
     second = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["data"][-1]["id"]}).json()
     assert second["has_more"] is False
     assert sorted(j["id"] for j in first["data"] + second["data"]) == sorted(ids)
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"lora_r": 0}, "lora_r", "greater than or equal to 1"),
+    ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs", "1 to 50"),
+    ({"hyperparameters": {"learning_rate": 2}}, "hyperparameters.learning_rate", "at most 1"),
+    ({"hyperparameters": {"lr_scheduler": "step"}}, "hyperparameters.lr_scheduler", "Invalid value"),
+    ({"hyperparameters": {"warmup_ratio": 1.5}}, "hyperparameters.warmup_ratio", "Invalid value"),
+    ({"adapter_selection": "first"}, "adapter_selection", "Invalid value"),
+])
+def test_bad_hyperparameters_are_named(client, body, param, fragment):
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "f", **body})
+    assert_error(response, 400, fragment, param)
+
+
+def test_unknown_target_module_lists_the_models_modules(client):
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": good_file(client), "lora_target_modules": ["q_proj", "attn.c_proj"]})
+    assert_error(response, 400, "attn.c_proj", "q_proj", "up_proj", param="lora_target_modules")
+    ok = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": good_file(client), "lora_target_modules": "all-linear"})
+    assert ok.status_code == 200
+
+
+def test_dry_run_reports_and_creates_nothing(client):
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": good_file(client), "dry_run": True, "max_seq_length": 256})
+    assert response.status_code == 200, response.text
+    dry = response.json()
+    assert dry["object"] == "fine_tuning.job.dry_run" and dry["valid"] is True
+    report = dry["report"]
+    assert report["format"] == "chat" and report["examples"] == 200
+    assert 0 < report["loss_tokens"] < report["total_tokens"]
+    assert report["length"]["p50"] <= report["length"]["p95"] <= report["length"]["max"]
+    assert report["truncated_examples"] == 0 and report["duplicates"] == 0
+    sample = report["sample"]
+    assert any(s["trained"] and "Squawk!" in s["text"] for s in sample)
+    assert any(not s["trained"] and "<|im_start|>user" in s["text"] for s in sample)
+    assert dry["estimated_trained_tokens"] == report["total_tokens"] * dry["hyperparameters"]["n_epochs"]
+    assert dry["estimated_seconds"] > 0 and dry["estimate_basis"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_dry_run_flags_unusable_data(client):
+    few = "".join(json.dumps(chat(f"q{i}", "a")) + "\n" for i in range(3)).encode()
+    dry = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload(client, few).json()["id"], "dry_run": True}).json()
+    assert dry["valid"] is False and "at least 10" in dry["report"]["errors"][0]["message"]
+    long = "".join(json.dumps(chat("word " * 200, "a")) + "\n" for _ in range(12)).encode()
+    dry = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload(client, long).json()["id"], "dry_run": True,
+        "max_seq_length": 64}).json()
+    assert dry["valid"] is False and "every example is longer than max_seq_length=64" in dry["report"]["errors"][0]["message"]
+
+
+def test_upload_keeps_warnings_and_accepts_other_formats(client):
+    text = "".join(json.dumps({"text": f"doc {i}"}) + "\r\n" for i in range(12)).encode()
+    response = upload(client, b"\xef\xbb\xbf" + text)
+    assert response.status_code == 200, response.text
+    mixed = (json.dumps({"text": "a"}) + "\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n").encode()
+    assert_error(upload(client, mixed), 400, "line 2", "prompt_completion format")
