@@ -1,11 +1,15 @@
-"""`make bench`: the recipe's speed and memory, NF4 + LoRA against its peer run side by side (the same
-recipe on the unquantised bf16 base), on SmolLM2-135M-Instruct and the sample data.
+"""`make bench`: the recipe's speed and memory against a peer run side by side, on SmolLM2-135M-Instruct.
 
-Each variant runs `python -m worker.training` in its own process for the same steps; tokens/s is the median
-over steps after the first (warm-up), memory is the child's peak RSS (CPU) or peak CUDA memory (GPU)."""
+1. Quantisation: NF4 + LoRA against the same recipe on the unquantised bf16 base (sample data).
+2. Packing: on against off, NF4, on conversations of mixed length (1 to 8 exchanges).
+
+Each variant runs `python -m worker.training` in its own process for the same steps; tokens/s counts real
+(non-padding) tokens, median over the steps after the first; memory is the recipe process's peak RSS (CPU)
+or peak CUDA memory (GPU)."""
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -28,24 +32,27 @@ def base_model() -> Path:
     return path
 
 
-def run_variant(model: Path, quantization: str, examples: int, batch_size: int) -> dict:
+def sample_lines(examples: int) -> list[str]:
+    return (ROOT / "data/sample/train.jsonl").read_text().splitlines()[:examples]
+
+
+def mixed_length_lines(examples: int, seed: int = 0) -> list[str]:
+    """Conversations of 1 to 8 sample exchanges each: from ~60 to ~450 tokens."""
+    exchanges = [json.loads(line)["messages"] for line in sample_lines(200)]
+    rng = random.Random(seed)
+    return [
+        json.dumps({"messages": [m for pair in rng.sample(exchanges, rng.randint(1, 8)) for m in pair]})
+        for _ in range(examples)
+    ]
+
+
+def run_variant(model: Path, lines: list[str], batch_size: int, **options) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "train.jsonl"
-        lines = (ROOT / "data/sample/train.jsonl").read_text().splitlines()[:examples]
         data.write_text("\n".join(lines) + "\n")
         config = Path(scratch) / "cfg.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "base_model_path": str(model),
-                    "train_file": str(data),
-                    "n_epochs": 1,
-                    "batch_size": batch_size,
-                    "quantization": quantization,
-                    "seed": 0,
-                }
-            )
-        )
+        settings = {"n_epochs": 1, "batch_size": batch_size, "seed": 0, "n_evals": 0, "n_checkpoints": 0}
+        config.write_text(json.dumps({"base_model_path": str(model), "train_file": str(data), **settings, **options}))
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "worker.training", "--config", str(config), "--out", str(Path(scratch) / "out")],
@@ -60,7 +67,7 @@ def run_variant(model: Path, quantization: str, examples: int, batch_size: int) 
     steps = [e for e in events if e["event"] == "metrics"]
     done = next(e for e in events if e["event"] == "done")["metrics"]
     return {
-        "quantization": quantization,
+        **options,
         "steps": len(steps),
         "tokens_per_second": statistics.median(s["tokens_per_second"] for s in steps[1:]),
         "final_loss": steps[-1]["train_loss"],
@@ -70,24 +77,36 @@ def run_variant(model: Path, quantization: str, examples: int, batch_size: int) 
     }
 
 
+def table(title: str, rows: list[dict], key: str) -> None:
+    print(f"{title}\n")
+    print(f"| {key} | steps | tokens/s (median) | wall s | peak RSS MiB | final loss |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r[key]} | {r['steps']} | {r['tokens_per_second']:.0f} | {r['wall_seconds']:.1f} "
+            f"| {r['peak_rss_mib']:.0f} | {r['final_loss']:.3f} |"
+        )
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     model = base_model()
-    results = [run_variant(model, q, args.examples, args.batch_size) for q in ("nf4", "none")]
-    nf4, peer = results
-    print("| variant | steps | tokens/s (median) | wall s | peak RSS MiB | final loss |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['quantization']} + LoRA | {r['steps']} | {r['tokens_per_second']:.0f} | {r['wall_seconds']:.1f} "
-            f"| {r['peak_rss_mib']:.0f} | {r['final_loss']:.3f} |"
-        )
+    lines = sample_lines(args.examples)
+    nf4, peer = (run_variant(model, lines, args.batch_size, quantization=q) for q in ("nf4", "none"))
+    table("Quantisation: NF4 + LoRA against bf16 + LoRA (sample data)", [nf4, peer], "quantization")
     print(
         f"\nNF4/bf16 ratios: speed {nf4['tokens_per_second'] / peer['tokens_per_second']:.2f}x, "
-        f"peak memory {nf4['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x"
+        f"peak memory {nf4['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x\n"
+    )
+    mixed = mixed_length_lines(args.examples)
+    packed, padded = (run_variant(model, mixed, args.batch_size, packing=p) for p in (True, False))
+    table("Packing on against off (NF4, conversations of mixed length)", [packed, padded], "packing")
+    print(
+        f"\npacked/padded ratios: speed {packed['tokens_per_second'] / padded['tokens_per_second']:.2f}x, "
+        f"wall {packed['wall_seconds'] / padded['wall_seconds']:.2f}x"
     )
     return 0
 

@@ -45,7 +45,18 @@ def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_
     adapter = extract_zip(stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").content, tmp_path / "adapter")
 
     base, tuned = heldout(demo_model), heldout(demo_model, adapter)
-    print(f"held-out loss: base {base['loss']:.3f} -> tuned {tuned['loss']:.3f} over {base['tokens']} tokens")
+    events = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
+    valid = [
+        (e["data"]["step"], e["data"]["valid_loss"])
+        for e in reversed(events)
+        if e["type"] == "metrics" and "valid_loss" in e["data"]
+    ]
+    print(f"\nheld-out loss: base {base['loss']:.3f} -> tuned {tuned['loss']:.3f} over {base['tokens']} tokens")
+    before = next(e["message"] for e in events if e["message"].startswith("Before training"))
+    print(f"{before}; valid_loss by step (auto-split 5%): {valid}")
+    print(f"ended their turn: base {base['stopped']} tuned {tuned['stopped']}")
+    assert valid and valid[-1][1] < valid[0][1]
+    assert all(tuned["stopped"]), "the tuned model must end its turn (end-of-turn token is trained)"
     assert tuned["loss"] < REQUIRED_IMPROVEMENT * base["loss"]
     # The parrot's sign-off is learned within two epochs (the opening "Squawk!" fights the base model's
     # strong prior for "The" and takes a third); the base model never says it.

@@ -106,8 +106,10 @@ def test_data_problems_fail_the_job_in_validation(embedded_env, make_stack, tiny
     long_prompts = write_jsonl(tmp_path / "long.jsonl", [chat(f"word {i} " * 300, "short answer") for i in range(12)])
     too_long = stack.create_job(model="tiny-llama", training_file=stack.upload(long_prompts)["id"], max_seq_length=32)
     too_few = stack.create_job(model="tiny-llama", training_file=stack.upload(parrot_data(tmp_path, n=5))["id"])
-    for job_id, fragment in ((too_long["id"], "every example is longer than max_seq_length=32"),
-                             (too_few["id"], "5 examples; at least 10")):
+    for job_id, fragment in (
+        (too_long["id"], "every example is longer than max_seq_length=32"),
+        (too_few["id"], "5 examples; at least 10"),
+    ):
         job = stack.wait(job_id, timeout=180)
         assert job["status"] == "failed", job
         assert job["error"]["code"] == "invalid_training_file" and fragment in job["error"]["message"]

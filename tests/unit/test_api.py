@@ -177,31 +177,44 @@ def test_pagination_of_jobs(client):
     assert sorted(j["id"] for j in first["data"] + second["data"]) == sorted(ids)
 
 
-@pytest.mark.parametrize("body, param, fragment", [
-    ({"lora_r": 0}, "lora_r", "greater than or equal to 1"),
-    ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs", "1 to 50"),
-    ({"hyperparameters": {"learning_rate": 2}}, "hyperparameters.learning_rate", "at most 1"),
-    ({"hyperparameters": {"lr_scheduler": "step"}}, "hyperparameters.lr_scheduler", "Invalid value"),
-    ({"hyperparameters": {"warmup_ratio": 1.5}}, "hyperparameters.warmup_ratio", "Invalid value"),
-    ({"adapter_selection": "first"}, "adapter_selection", "Invalid value"),
-])
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ({"lora_r": 0}, "lora_r", "greater than or equal to 1"),
+        ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs", "1 to 50"),
+        ({"hyperparameters": {"learning_rate": 2}}, "hyperparameters.learning_rate", "at most 1"),
+        ({"hyperparameters": {"lr_scheduler": "step"}}, "hyperparameters.lr_scheduler", "Invalid value"),
+        ({"hyperparameters": {"warmup_ratio": 1.5}}, "hyperparameters.warmup_ratio", "Invalid value"),
+        ({"adapter_selection": "first"}, "adapter_selection", "Invalid value"),
+    ],
+)
 def test_bad_hyperparameters_are_named(client, body, param, fragment):
     response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "f", **body})
     assert_error(response, 400, fragment, param)
 
 
 def test_unknown_target_module_lists_the_models_modules(client):
-    response = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": good_file(client), "lora_target_modules": ["q_proj", "attn.c_proj"]})
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny-llama",
+            "training_file": good_file(client),
+            "lora_target_modules": ["q_proj", "attn.c_proj"],
+        },
+    )
     assert_error(response, 400, "attn.c_proj", "q_proj", "up_proj", param="lora_target_modules")
-    ok = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": good_file(client), "lora_target_modules": "all-linear"})
+    ok = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-llama", "training_file": good_file(client), "lora_target_modules": "all-linear"},
+    )
     assert ok.status_code == 200
 
 
 def test_dry_run_reports_and_creates_nothing(client):
-    response = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": good_file(client), "dry_run": True, "max_seq_length": 256})
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-llama", "training_file": good_file(client), "dry_run": True, "max_seq_length": 256},
+    )
     assert response.status_code == 200, response.text
     dry = response.json()
     assert dry["object"] == "fine_tuning.job.dry_run" and dry["valid"] is True
@@ -220,14 +233,25 @@ def test_dry_run_reports_and_creates_nothing(client):
 
 def test_dry_run_flags_unusable_data(client):
     few = "".join(json.dumps(chat(f"q{i}", "a")) + "\n" for i in range(3)).encode()
-    dry = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": upload(client, few).json()["id"], "dry_run": True}).json()
+    dry = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-llama", "training_file": upload(client, few).json()["id"], "dry_run": True},
+    ).json()
     assert dry["valid"] is False and "at least 10" in dry["report"]["errors"][0]["message"]
     long = "".join(json.dumps(chat("word " * 200, "a")) + "\n" for _ in range(12)).encode()
-    dry = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny-llama", "training_file": upload(client, long).json()["id"], "dry_run": True,
-        "max_seq_length": 64}).json()
-    assert dry["valid"] is False and "every example is longer than max_seq_length=64" in dry["report"]["errors"][0]["message"]
+    dry = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny-llama",
+            "training_file": upload(client, long).json()["id"],
+            "dry_run": True,
+            "max_seq_length": 64,
+        },
+    ).json()
+    assert (
+        dry["valid"] is False
+        and "every example is longer than max_seq_length=64" in dry["report"]["errors"][0]["message"]
+    )
 
 
 def test_upload_keeps_warnings_and_accepts_other_formats(client):

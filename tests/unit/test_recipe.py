@@ -86,6 +86,9 @@ def test_evaluations_carry_openai_metric_names(tmp_path, tiny_model):
     assert [m["step"] for m in evaluated] == [2, 4, 6, 8]
     assert {"valid_loss", "valid_mean_token_accuracy", "train_mean_token_accuracy"} <= evaluated[0].keys()
     assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
+    done = next(e for e in events if e["event"] == "done")["metrics"]
+    assert done["initial_valid_loss"] > done["full_valid_loss"]
+    assert any(e["event"] == "message" and e["message"].startswith("Before training: valid_loss=") for e in events)
 
 
 def test_same_seed_same_loss_curve(tmp_path, tiny_model):
@@ -162,3 +165,27 @@ def test_bad_data_exits_2_with_line_number(tmp_path, tiny_model):
 def test_bad_config_names_the_field(tmp_path, tiny_model):
     code, events = run_recipe(tmp_path, {"base_model_path": str(tiny_model), "train_file": "x", "lora_r": 0})
     assert code == 2 and "lora_r" in events[0]["message"]
+
+
+def test_gradients_survive_an_evaluation(tiny_model):
+    """Regression: an eval-mode forward must not switch bitsandbytes to its no-autograd inference kernel."""
+    import torch
+
+    from worker.training.model import attach_lora, load_base_model
+
+    def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(tiny_model, "nf4"), 4, 8, 0.0, ["q_proj", "v_proj"])
+        ids = torch.arange(1, 17)[None]
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)  # non-zero B so every path carries gradient
+        model(input_ids=ids, labels=ids).loss.backward()
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad
+
+    assert torch.allclose(first_layer_grad(False), first_layer_grad(True), atol=1e-6)

@@ -36,7 +36,19 @@ def load_base_model(path: Path, quantization: str = "nf4"):
         device_map=device(),
     )
     model.config.use_cache = False
+    keep_trainable_layout(model)
     return model
+
+
+def keep_trainable_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference the first time its layer
+    runs in eval mode, and from then on uses a kernel with no autograd, even back in train mode: gradients
+    stop flowing through the base weights. Evaluation during training would do exactly that, so turn it off."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(path: Path):

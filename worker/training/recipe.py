@@ -78,8 +78,16 @@ class TrainingLoop:
         self.best: dict | None = None
         self.evals_without_improvement = 0
         self.stopped_early = False
+        self.initial: dict = {}
 
     def run(self) -> None:
+        if self.valid_set:  # the base model's score, so that "better" has a reference
+            self.initial = self.evaluate()
+            self.reporter.event(
+                "message",
+                message=f"Before training: valid_loss={self.initial['valid_loss']:.4f}, "
+                f"valid_mean_token_accuracy={self.initial['valid_mean_token_accuracy']:.4f}",
+            )
         for epoch in range(1, self.config.n_epochs + 1):
             for batch in chat_data.batches(self.train_set, self.config.batch_size, self.config.seed, epoch):
                 self.step(batch, epoch)
@@ -121,7 +129,8 @@ class TrainingLoop:
             "progress": self.global_step / self.total_steps,
             "eta_seconds": self._eta(),
         }
-        if self.eval_every and (self.global_step % self.eval_every == 0 or self.global_step == self.total_steps):
+        at_interval = self.eval_every and self.global_step % self.eval_every == 0
+        if self.valid_set and (at_interval or self.global_step == self.total_steps):
             self.evaluate_and_track()
         if self.global_step % self.config.log_every_steps == 0 or self.global_step == self.total_steps:
             self.reporter.log(self.global_step, self.last)
@@ -209,6 +218,7 @@ class TrainingLoop:
             metrics.update(final)
             metrics["full_valid_loss"] = final["valid_loss"]
             metrics["full_valid_mean_token_accuracy"] = final["valid_mean_token_accuracy"]
+            metrics.update({f"initial_{k}": v for k, v in self.initial.items()})
         return metrics
 
 
