@@ -96,7 +96,10 @@ class TrainingLoop:
 
     def inputs(self, batch: list[Encoded]) -> dict:
         if self.config.packing:
-            tensors = chat_data.collate_packed(batch, self.pad_id, self.config.max_seq_length)
+            # Rows as long as the longest example: attention cost grows with the square of the row length,
+            # so longer rows would trade the padding saved for attention over tokens that are masked anyway.
+            longest = max(len(example.input_ids) for example in batch)
+            tensors = chat_data.collate_packed(batch, self.pad_id, longest)
         else:
             tensors = chat_data.collate(batch, self.pad_id)
         return {k: v.to(self.model.device) for k, v in tensors.items()}
