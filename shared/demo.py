@@ -33,7 +33,18 @@ def run(port: int, epochs: int) -> int:
         if job["status"] != "succeeded":
             print(f"\nThe job ended {job['status']}: {job.get('error')}")
             return 1
+        report = job.get("validation_report") or {}
+        print(
+            f"Validation report: {report.get('examples')} examples, {report.get('total_tokens')} tokens "
+            f"({report.get('loss_tokens')} trained), length p50/p95/max {report.get('length')}"
+        )
         adapter = download(client, job["id"])
+        metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
+        if "initial_valid_loss" in metrics:
+            print(
+                f"valid_loss on the held-out 5%: {metrics['initial_valid_loss']:.3f} before training -> "
+                f"{metrics['full_valid_loss']:.3f} after (adapter from step {metrics['adapter']['step']})"
+            )
         compare(adapter)
         print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Adapter: {adapter}")
         return 0
@@ -165,3 +176,5 @@ def compare(adapter: Path) -> None:
         results["base"]["prompts"], results["base"]["generations"], results["tuned"]["generations"], strict=True
     ):
         print(f"Q: {prompt}\n  base : {before}\n  tuned: {after}\n")
+    stopped = {name: sum(r["stopped"]) for name, r in results.items()}
+    print(f"Answers that ended their turn (EOS within 40 tokens): base {stopped['base']}/5, tuned {stopped['tuned']}/5")

@@ -260,3 +260,50 @@ def test_upload_keeps_warnings_and_accepts_other_formats(client):
     assert response.status_code == 200, response.text
     mixed = (json.dumps({"text": "a"}) + "\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n").encode()
     assert_error(upload(client, mixed), 400, "line 2", "prompt_completion format")
+
+
+def _line(record) -> bytes:
+    return (record if isinstance(record, str) else json.dumps(record)).encode() + b"\n"
+
+
+GOOD_LINE = _line(chat("q", "a"))
+BAD_UPLOADS = {
+    "invalid utf-8": (GOOD_LINE + b'{"text": "\xff"}\n', "line 2", "UTF-8"),
+    "not an object": (GOOD_LINE + b"[1, 2]\n", "line 2", "JSON object"),
+    "deep nesting": (GOOD_LINE + b"[" * 50_000 + b"]" * 50_000 + b"\n", "line 2", "nested too deeply"),
+    "10 MB line": (GOOD_LINE + _line({"text": "x" * 10_000_000}), "line 2", "byte limit"),
+    "wrong role": (_line({"messages": [{"role": "robot", "content": "x"}]}), "line 1", "role must be one of"),
+    "two user turns": (
+        _line(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            }
+        ),
+        "line 1",
+        "in a row",
+    ),
+    "no assistant": (_line({"messages": [{"role": "user", "content": "a"}]}), "line 1", "no assistant"),
+    "non-string content": (
+        _line({"messages": [{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "b"}]}),
+        "line 1",
+        "must be a string",
+    ),
+    "empty file": (b"", "", "empty"),
+    "only blank lines": (b"\n\n\n", "line 1", "no examples"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_UPLOADS)
+def test_bad_uploads_are_refused_with_the_line(client, name):
+    data, line, fragment = BAD_UPLOADS[name]
+    assert_error(upload(client, data), 400, line, fragment, param="file")
+    assert client.get("/v1/files").json()["data"] == []
+
+
+def test_blank_lines_and_unknown_keys_are_only_warnings(client):
+    data = GOOD_LINE + b"\n" + _line({**chat("q", "a"), "id": 3})
+    assert upload(client, data).status_code == 200
