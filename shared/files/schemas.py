@@ -15,6 +15,7 @@ class FileObject(BaseModel):
     status: str = "processed"
     status_details: str | None = None
     expires_at: int | None = None
+    validation: dict | None = None  # tunequeue's: detected format, examples, warnings with line numbers
 
     @classmethod
     def of(cls, file: File) -> "FileObject":
@@ -25,6 +26,7 @@ class FileObject(BaseModel):
             filename=file.filename,
             purpose=file.purpose,
             status=file.status,
+            validation=file.report,
         )
 
 

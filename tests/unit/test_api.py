@@ -306,4 +306,8 @@ def test_bad_uploads_are_refused_with_the_line(client, name):
 
 def test_blank_lines_and_unknown_keys_are_only_warnings(client):
     data = GOOD_LINE + b"\n" + _line({**chat("q", "a"), "id": 3})
-    assert upload(client, data).status_code == 200
+    response = upload(client, data)
+    assert response.status_code == 200
+    validation = response.json()["validation"]
+    assert validation["format"] == "chat" and validation["examples"] == 2
+    assert [(w["line"], "blank" in w["message"]) for w in validation["warnings"]] == [(2, True), (3, False)]
