@@ -1,10 +1,12 @@
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from shared.db import session_scope
+from shared.errors import Unauthenticated
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, get_storage
 
@@ -13,6 +15,16 @@ def _session() -> Iterator[Session]:
     # The request owns the transaction: commit when the endpoint returns, roll back if it raises.
     with session_scope() as session:
         yield session
+
+
+def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
+    """One shared key until per-tenant keys arrive (the security work); none set: open, as in `make demo`."""
+    expected = get_settings().api_key
+    if expected is None:
+        return
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not given or not hmac.compare_digest(given, expected):
+        raise Unauthenticated("Incorrect or missing API key: send `Authorization: Bearer <key>`")
 
 
 def _tenant() -> str:

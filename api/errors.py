@@ -20,7 +20,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 def install(app: FastAPI) -> None:
     @app.exception_handler(TunequeueError)
     async def _domain(_: Request, exc: TunequeueError):
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

@@ -5,6 +5,7 @@ class TunequeueError(Exception):
     status_code = 400
     type = "invalid_request_error"
     code: str | None = None
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -35,3 +36,23 @@ class ServiceUnavailable(TunequeueError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class Unauthenticated(TunequeueError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class Unprocessable(TunequeueError):
+    status_code = 422
+    code = "unprocessable_entity"
+
+
+class RateLimited(TunequeueError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None):
+        super().__init__(message, param=param)
+        self.headers = {"Retry-After": str(retry_after)}

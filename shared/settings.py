@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     metrics_interval_seconds: float = Field(default=2.0, description="Least time between metric events")
     cancel_poll_seconds: float = Field(default=1.0, description="How often a worker checks for cancel")
     checkpoint_every_steps: int = Field(default=0, description="Steps between checkpoints; 0: the job's n_checkpoints")
+    api_key: str | None = Field(default=None, description="If set, /v1 and /admin require this bearer key")
+    max_active_jobs_per_tenant: int = Field(default=100, description="Unfinished jobs a tenant may have (429)")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
 
     @property

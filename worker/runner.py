@@ -28,6 +28,8 @@ from shared.settings import get_settings
 from shared.storage import get_storage
 from worker.training.reporter import parse_line
 
+PAUSED_EXIT_CODE = 3  # worker.training.recipe.PAUSED_EXIT_CODE; importing it would import torch here
+
 log = logging.getLogger("tunequeue.worker")
 STOP_GRACE_SECONDS = 5
 
@@ -40,6 +42,7 @@ class JobRunner:
         self.error: dict | None = None
         self.done: dict | None = None
         self.metrics_rows: list[dict] = []
+        self.paused: dict | None = None
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self._last_metrics_write = 0.0
         self._pending_metrics: dict | None = None
@@ -59,6 +62,7 @@ class JobRunner:
             files = {"train": session.get(File, job.training_file)}
             if job.validation_file:
                 files["validation"] = session.get(File, job.validation_file)
+            resume = (job.resume_key, job.resume_sha256) if job.resume_key else None
             tenant, model_id, options, hyper, seed = (
                 job.tenant,
                 job.model,
@@ -75,6 +79,7 @@ class JobRunner:
             if self.storage.download(key, paths[name]) != sha256:
                 raise RuntimeError(f"the {name} file failed its checksum")
         self.tenant = tenant
+        resume_from = self.fetch_resume_state(workdir, *resume) if resume else None
         recipe_hyperparameters = {k: v for k, v in hyper.items() if k != "learning_rate_multiplier"}
         config = {
             "base_model_path": str(model_path),
@@ -86,12 +91,23 @@ class JobRunner:
             "seed": seed,
             "hyperparameters": hyper,
             "checkpoint_every_steps": self.settings.checkpoint_every_steps,
+            "resume_from": str(resume_from) if resume_from else None,
             **recipe_hyperparameters,
             **options,
         }
         path = workdir / "config.json"
         path.write_text(json.dumps(config, indent=2))
         return path
+
+    def fetch_resume_state(self, workdir: Path, key: str, sha256: str) -> Path:
+        """The state a pause saved, checked against the sha256 recorded with it."""
+        archive = workdir / "resume.zip"
+        if self.storage.download(key, archive) != sha256:
+            raise RuntimeError("the saved training state failed its checksum")
+        folder = workdir / "resume"
+        zipfile.ZipFile(archive).extractall(folder)
+        self.metrics_rows = json.loads((folder / "metrics_rows.json").read_text())
+        return folder
 
     def run_recipe(self, config: Path, out: Path) -> int:
         python = self.settings.training_python or sys.executable
@@ -113,23 +129,23 @@ class JobRunner:
         ]
         for reader in readers:
             reader.start()
-        self.cancelled = False
+        self.cancelled = self.pausing = False
         while self.process.poll() is None:
             time.sleep(self.settings.cancel_poll_seconds)
             self._flush_metrics(force=False)
-            if self._should_stop():
+            with session_scope() as session:
+                flags = execution.control_flags(session, self.job_id, self.attempt)
+            if flags.stop:
                 self.cancelled = True
                 self.stop_recipe()
+            elif flags.pause and not self.pausing:
+                # The recipe finishes its step, saves its whole state and exits with PAUSED_EXIT_CODE.
+                self.pausing = True
+                os.kill(self.process.pid, signal.SIGUSR1)
         for reader in readers:
             reader.join(timeout=10)
         self._flush_metrics(force=True)
         return self.process.returncode
-
-    def _should_stop(self) -> bool:
-        with session_scope() as session:
-            return execution.cancel_requested(session, self.job_id) or not execution.is_current(
-                session, self.job_id, self.attempt
-            )
 
     def stop_recipe(self) -> None:
         for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 10)):
@@ -172,6 +188,8 @@ class JobRunner:
             execution_event(self, event["message"])
         elif kind == "done":
             self.done = event
+        elif kind == "paused":
+            self.paused = event
         elif kind == "error":
             self.error = event
 
@@ -184,6 +202,23 @@ class JobRunner:
         self._last_metrics_write = time.monotonic()
         with session_scope() as session:
             execution.record_metrics(session, self.job_id, self.attempt, pending)
+
+    def save_paused_state(self, folder: Path) -> None:
+        step = self.paused["step"]
+        (folder / "metrics_rows.json").write_text(json.dumps(self.metrics_rows))
+        key = f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}/resume-step-{step}.zip"
+        _, sha256 = self.storage.put_bytes(key, zip_folder(folder))
+        with session_scope() as session:
+            execution.record_checkpoint(
+                session,
+                self.job_id,
+                self.attempt,
+                step=step,
+                metrics=self.paused["metrics"],
+                storage_key=key,
+                sha256=sha256,
+            )
+            execution.pause_job(session, self.job_id, self.attempt, step=step, resume_key=key, resume_sha256=sha256)
 
     def upload_checkpoint(self, event: dict) -> None:
         step = event["step"]
@@ -199,14 +234,36 @@ class JobRunner:
             with session_scope() as session:
                 execution.cancel_running_job(session, self.job_id, self.attempt)
             return
+        if returncode == PAUSED_EXIT_CODE and self.paused is not None:
+            self.save_paused_state(Path(self.paused["path"]))
+            return
         if returncode != 0 or self.done is None:
             raise RecipeFailed(self.error, returncode, list(self.stderr_tail))
         adapter = zip_folder(Path(self.done["adapter"]))
         key = f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}/adapter.zip"
         _, sha256 = self.storage.put_bytes(key, adapter)
+        final = self.done["metrics"]
+        keys = (
+            "train_loss",
+            "train_mean_token_accuracy",
+            "valid_loss",
+            "valid_mean_token_accuracy",
+            "full_valid_loss",
+            "full_valid_mean_token_accuracy",
+        )
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
+            # The delivered adapter is the newest checkpoint, with the final (full validation) metrics.
+            execution.record_checkpoint(
+                session,
+                self.job_id,
+                self.attempt,
+                step=final["step"],
+                metrics={k: final[k] for k in keys if final.get(k) is not None},
+                storage_key=key,
+                sha256=sha256,
+            )
             results = create_result_file(
                 session,
                 self.storage,

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, NotFound
 from shared.jobs import service, state
 from shared.jobs.errors import AdapterNotReady
 from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject, Page
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 def create_job(session: DbSession, storage: StorageDep, settings: SettingsDep, tenant: Tenant, request: JobCreate):
     if request.dry_run:
         return service.dry_run(session, storage, settings, tenant, request)
-    return FineTuningJob.of(service.create_job(session, tenant, request))
+    return FineTuningJob.of(service.create_job(session, tenant, request, settings.max_active_jobs_per_tenant))
 
 
 @router.get("", response_model=Page)
@@ -50,6 +50,16 @@ def cancel_job(session: DbSession, tenant: Tenant, job_id: str):
     return FineTuningJob.of(service.cancel_job(session, tenant, job_id))
 
 
+@router.post("/{job_id}/pause", response_model=FineTuningJob)
+def pause_job(session: DbSession, tenant: Tenant, job_id: str):
+    return FineTuningJob.of(service.pause_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob)
+def resume_job(session: DbSession, tenant: Tenant, job_id: str):
+    return FineTuningJob.of(service.resume_job(session, tenant, job_id))
+
+
 @router.get("/{job_id}/events", response_model=Page)
 def list_events(
     session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
@@ -79,6 +89,10 @@ def list_checkpoints(
 def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str):
     """tunequeue's own: the trained adapter as a zip (adapter_config.json, adapter_model.safetensors, manifest.json)."""
     job = service.get_job(session, tenant, job_id)
+    if job.model_deleted_at is not None:
+        raise NotFound(
+            f"The adapter of {job_id} was deleted with its model {job.fine_tuned_model}", code="model_deleted"
+        )
     if job.status != state.SUCCEEDED or not job.adapter_key:
         raise AdapterNotReady(job_id, job.status)
     return StreamingResponse(

@@ -16,3 +16,8 @@ class AdapterNotReady(Conflict):
         super().__init__(
             f"Job {job_id} is {status}; its adapter can be downloaded once it has succeeded", code="adapter_not_ready"
         )
+
+
+class JobConflict(Conflict):
+    def __init__(self, message: str, code: str):
+        super().__init__(message, code=code)

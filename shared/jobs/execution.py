@@ -1,6 +1,8 @@
 """What a worker may write about a job it has claimed. Every write after the claim is fenced by `attempt`:
 a worker whose attempt is stale (the job was re-claimed or finished) changes nothing."""
 
+from dataclasses import dataclass
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -34,8 +36,34 @@ def is_current(session: Session, job_id: str, attempt: int) -> bool:
     return row is not None and row.status == state.RUNNING and row.attempt == attempt
 
 
-def cancel_requested(session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+@dataclass
+class ControlFlags:
+    stop: bool  # cancelled, or this attempt is no longer the job's
+    pause: bool
+
+
+def control_flags(session: Session, job_id: str, attempt: int) -> ControlFlags:
+    row = session.execute(
+        select(Job.status, Job.attempt, Job.cancel_requested, Job.pause_requested).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None or row.status != state.RUNNING or row.attempt != attempt:
+        return ControlFlags(stop=True, pause=False)
+    return ControlFlags(stop=row.cancel_requested, pause=row.pause_requested)
+
+
+def pause_job(session: Session, job_id: str, attempt: int, *, step: int, resume_key: str, resume_sha256: str) -> bool:
+    return state.transition(
+        session,
+        job_id,
+        state.PAUSED,
+        expect={state.RUNNING},
+        fenced_attempt=attempt,
+        message=f"Fine-tuning job paused at step {step}; resume continues from there",
+        pause_requested=False,
+        resume_key=resume_key,
+        resume_sha256=resume_sha256,
+        estimated_finish=None,
+    )
 
 
 def add_event(

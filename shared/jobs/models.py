@@ -1,4 +1,4 @@
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
@@ -32,6 +32,10 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     validation_report: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    resume_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # saved training state
+    resume_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

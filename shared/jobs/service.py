@@ -10,15 +10,16 @@ from sqlalchemy.orm import Session
 from shared.basemodels.models import BaseModelRecord
 from shared.basemodels.service import check_target_modules, get_base_model
 from shared.db import after_commit
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, RateLimited, Unprocessable
+from shared.files.models import File
 from shared.files.service import get_file
 from shared.ids import new_id, now
 from shared.jobs import state
 from shared.jobs.datacheck import check_job_data
-from shared.jobs.errors import JobNotCancellable, JobNotFound
+from shared.jobs.errors import JobConflict, JobNotCancellable, JobNotFound
 from shared.jobs.models import Checkpoint, Job, JobEvent
 from shared.jobs.schemas import DryRun, Hyperparameters, JobCreate
-from shared.queue import VALIDATE_TASK, publish
+from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -63,12 +64,18 @@ def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict
     }
 
 
-def create_job(session: Session, tenant: str, request: JobCreate) -> Job:
+def create_job(session: Session, tenant: str, request: JobCreate, max_active: int = 100) -> Job:
     base = get_base_model(session, request.model)
     check_target_modules(base, request.lora_target_modules)
-    training = get_file(session, tenant, request.training_file, param="training_file")
+    training = training_file(session, tenant, request.training_file, "training_file")
     if request.validation_file:
-        get_file(session, tenant, request.validation_file, param="validation_file")
+        training_file(session, tenant, request.validation_file, "validation_file")
+    active = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status.in_(state.ACTIVE)))
+    if (active or 0) >= max_active:
+        raise RateLimited(
+            f"{active} of your jobs are unfinished, the limit is {max_active}; retry when some have finished",
+            retry_after=60,
+        )
     timestamp = now()
     job = Job(
         id=new_id("ftjob"),
@@ -96,13 +103,23 @@ def create_job(session: Session, tenant: str, request: JobCreate) -> Job:
     return job
 
 
+def training_file(session: Session, tenant: str, file_id: str, param: str) -> File:
+    file = get_file(session, tenant, file_id, param=param)
+    if file.purpose != "fine-tune":
+        raise Unprocessable(
+            f"{file_id} has purpose {file.purpose!r}; training data must be uploaded with purpose 'fine-tune'",
+            param=param,
+        )
+    return file
+
+
 def dry_run(session: Session, storage: Storage, settings: Settings, tenant: str, request: JobCreate) -> DryRun:
     """Everything a job would check and resolve, plus estimates; nothing is created."""
     base = get_base_model(session, request.model)
     check_target_modules(base, request.lora_target_modules)
-    training = get_file(session, tenant, request.training_file, param="training_file")
+    training = training_file(session, tenant, request.training_file, "training_file")
     validation = (
-        get_file(session, tenant, request.validation_file, param="validation_file") if request.validation_file else None
+        training_file(session, tenant, request.validation_file, "validation_file") if request.validation_file else None
     )
     hyperparameters = resolve_hyperparameters(request.requested_hyperparameters(), training.line_count)
     check = check_job_data(
@@ -187,6 +204,26 @@ def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
     session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True, updated_at=now()))
     session.add(JobEvent(job_id=job_id, attempt=job.attempt, created_at=now(), message="Cancellation requested"))
     session.flush()
+    return get_job(session, tenant, job_id)
+
+
+def pause_job(session: Session, tenant: str, job_id: str) -> Job:
+    """A running job finishes its current step, saves its whole state as a checkpoint and frees its worker."""
+    job = get_job(session, tenant, job_id)
+    if job.status != state.RUNNING:
+        raise JobConflict(f"Job {job_id} is {job.status}; only a running job can be paused", "job_not_running")
+    session.execute(update(Job).where(Job.id == job_id).values(pause_requested=True, updated_at=now()))
+    session.add(JobEvent(job_id=job_id, attempt=job.attempt, created_at=now(), message="Pause requested"))
+    session.flush()
+    return get_job(session, tenant, job_id)
+
+
+def resume_job(session: Session, tenant: str, job_id: str) -> Job:
+    """paused → queued; the next worker continues from the saved state (same step count and schedule)."""
+    job = get_job(session, tenant, job_id)
+    if not state.transition(session, job_id, state.QUEUED, expect={state.PAUSED}, message="Resumed; job queued"):
+        raise JobConflict(f"Job {job_id} is {job.status}; only a paused job can be resumed", "job_not_paused")
+    after_commit(session, lambda: publish(TRAIN_TASK, job_id))
     return get_job(session, tenant, job_id)
 
 

@@ -50,7 +50,8 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     assert statuses == ["queued", "running", "succeeded"]
 
     checkpoints = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-    assert [c["step_number"] for c in checkpoints] == [20, 10]
+    assert [c["step_number"] for c in checkpoints] == [24, 20, 10]  # the delivered adapter is the newest
+    assert {"full_valid_loss", "full_valid_mean_token_accuracy"} <= set(checkpoints[0]["metrics"])
     assert "train_loss" in checkpoints[0]["metrics"]
 
     results = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text
@@ -58,7 +59,7 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     assert len(results.splitlines()) == 25
     report = job["validation_report"]
     assert report["examples"] == 32 and report["format"] == "chat" and report["loss_tokens"] > 0
-    assert "valid_loss" in checkpoints[0]["metrics"]  # step 20 is also an evaluation step
+    assert "valid_loss" in checkpoints[1]["metrics"]  # step 20 is also an evaluation step
 
     response = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
     assert response.status_code == 200

@@ -1,5 +1,5 @@
 """`python -m worker.training --config cfg.json --out DIR`: run the recipe with no service around it.
-Exit codes: 0 done, 2 bad data or config (a user error), 1 anything else."""
+Exit codes: 0 done, 2 bad data or config (a user error), 3 paused (SIGUSR1: state saved), 1 anything else."""
 
 import argparse
 import sys
@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         reporter.event("error", code="invalid_config", message=str(exc))
         return 2
     from worker.training.data import DatasetError
-    from worker.training.recipe import train
+    from worker.training.recipe import PAUSED_EXIT_CODE, Paused, train
 
     try:
         train(config, args.out, reporter)
+    except Paused:
+        return PAUSED_EXIT_CODE
     except DatasetError as exc:
         reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
         return 2

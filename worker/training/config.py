@@ -43,6 +43,7 @@ class TrainingConfig(BaseModel):
     early_stopping_patience: int | None = Field(default=None, ge=1)
     adapter_selection: Literal["best", "last"] = "best"
     log_every_steps: int = Field(default=1, ge=1)
+    resume_from: Path | None = Field(default=None, description="a folder saved by a pause: continue from it")
     hyperparameters: dict = Field(default_factory=dict, description="As resolved on the job, for the manifest")
 
     @classmethod

@@ -7,6 +7,7 @@ import math
 import platform
 import random
 import shutil
+import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -43,13 +44,44 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     model = load_base_model(config.base_model_path, config.quantization)
     model = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     loop = TrainingLoop(config, model, tokenizer, train_set, valid_set, reporter, out)
-    loop.run()
+    if config.resume_from is not None:
+        loop.load_state(config.resume_from)
+        reporter.event("message", message=f"Resumed at step {loop.global_step} (epoch {loop.epoch})")
+    signal.signal(signal.SIGUSR1, loop.request_pause)
+    try:
+        loop.run()
+    except Paused as paused:
+        reporter.event("paused", step=paused.step, path=str(out / "resume"), metrics=loop.checkpoint_metrics())
+        raise
     adapter_dir = out / "adapter"
     chosen = loop.deliver(adapter_dir)
     metrics = loop.final_metrics(chosen)
     write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
     reporter.event("done", adapter=str(adapter_dir), trained_tokens=loop.trained_tokens, metrics=metrics)
     return metrics
+
+
+RESUMED_FIELDS = (
+    "global_step",
+    "trained_tokens",
+    "epoch",
+    "batch_index",
+    "best",
+    "evals_without_improvement",
+    "initial",
+    "elapsed_before",
+)
+
+
+class Paused(Exception):
+    """Raised after the state is saved; the process then exits with PAUSED_EXIT_CODE."""
+
+    def __init__(self, step: int):
+        super().__init__(f"paused at step {step}")
+        self.step = step
+
+
+PAUSED_EXIT_CODE = 3
 
 
 def interval(total_steps: int, count: int) -> int:
@@ -79,20 +111,61 @@ class TrainingLoop:
         self.evals_without_improvement = 0
         self.stopped_early = False
         self.initial: dict = {}
+        self.epoch, self.batch_index = 1, 0
+        self.elapsed_before = 0.0
+        self.pause_requested = False
 
     def run(self) -> None:
-        if self.valid_set:  # the base model's score, so that "better" has a reference
+        if self.valid_set and not self.initial:  # the base model's score, so that "better" has a reference
             self.initial = self.evaluate()
             self.reporter.event(
                 "message",
                 message=f"Before training: valid_loss={self.initial['valid_loss']:.4f}, "
                 f"valid_mean_token_accuracy={self.initial['valid_mean_token_accuracy']:.4f}",
             )
-        for epoch in range(1, self.config.n_epochs + 1):
-            for batch in chat_data.batches(self.train_set, self.config.batch_size, self.config.seed, epoch):
-                self.step(batch, epoch)
+        for epoch in range(self.epoch, self.config.n_epochs + 1):
+            self.epoch = epoch
+            epoch_batches = chat_data.batches(self.train_set, self.config.batch_size, self.config.seed, epoch)
+            for index in range(self.batch_index, len(epoch_batches)):
+                self.step(epoch_batches[index], epoch)
+                self.batch_index = index + 1
                 if self.stopped_early:
                     return
+                if self.pause_requested and not self.finished:
+                    self.save_state(self.out / "resume")
+                    raise Paused(self.global_step)
+            self.batch_index = 0
+
+    def save_state(self, folder: Path) -> None:
+        """Everything needed to continue exactly here: adapter, optimizer, schedule, RNG, data position."""
+        self.elapsed_before = time.monotonic() - self.started
+        save_adapter(self.model, folder / "adapter")
+        if (self.out / "best").exists():
+            shutil.copytree(self.out / "best", folder / "best", dirs_exist_ok=True)
+        state = {name: getattr(self, name) for name in RESUMED_FIELDS}
+        state.update(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            torch_rng=torch.get_rng_state(),
+            python_rng=random.getstate(),
+        )
+        torch.save(state, folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+        state = torch.load(folder / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        random.setstate(state.pop("python_rng"))
+        for name, value in state.items():
+            setattr(self, name, value)
+        if (folder / "best").exists():
+            shutil.copytree(folder / "best", self.out / "best", dirs_exist_ok=True)
+        self.started = time.monotonic() - self.elapsed_before
 
     def inputs(self, batch: list[Encoded]) -> dict:
         if self.config.packing:
@@ -163,6 +236,9 @@ class TrainingLoop:
             tokens += int(mask.sum())
         return {"valid_loss": loss_sum / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
 
+    def request_pause(self, *_signal) -> None:
+        self.pause_requested = True  # acted on after the current step
+
     def evaluate_and_track(self) -> None:
         metrics = self.evaluate()
         self.last.update(metrics, valid_step=self.global_step)
@@ -185,9 +261,11 @@ class TrainingLoop:
     def checkpoint(self) -> None:
         path = self.out / "checkpoints" / f"step-{self.global_step}"
         save_adapter(self.model, path)
+        self.reporter.event("checkpoint", step=self.global_step, path=str(path), metrics=self.checkpoint_metrics())
+
+    def checkpoint_metrics(self) -> dict:
         keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
-        metrics = {k: self.last[k] for k in keys if k in self.last and self._fresh(k)}
-        self.reporter.event("checkpoint", step=self.global_step, path=str(path), metrics=metrics)
+        return {k: self.last[k] for k in keys if k in self.last and self._fresh(k)}
 
     def _fresh(self, key: str) -> bool:
         return not key.startswith("valid") or self.last.get("valid_step") == self.global_step
