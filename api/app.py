@@ -4,7 +4,7 @@ from fastapi import Depends, FastAPI
 
 from api import errors
 from api.deps import require_api_key
-from api.routers import admin, files, health, jobs, models
+from api.routers import admin, files, health, jobs, models, webhooks
 
 
 def create_app() -> FastAPI:
@@ -14,7 +14,7 @@ def create_app() -> FastAPI:
         description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API.",
     )
     errors.install(app)
-    for router in (files.router, jobs.router, models.router, admin.router):
+    for router in (files.router, jobs.router, models.router, webhooks.router, admin.router):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(health.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

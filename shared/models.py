@@ -4,6 +4,17 @@ from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
 from shared.files.models import File
 from shared.jobs.models import Checkpoint, Job, JobEvent
+from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
 from shared.workers.models import WorkerHeartbeat
 
-__all__ = ["Base", "BaseModelRecord", "Checkpoint", "File", "Job", "JobEvent", "WorkerHeartbeat"]
+__all__ = [
+    "Base",
+    "BaseModelRecord",
+    "Checkpoint",
+    "File",
+    "Job",
+    "JobEvent",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WorkerHeartbeat",
+]

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = Field(default=0, description="Steps between checkpoints; 0: the job's n_checkpoints")
     api_key: str | None = Field(default=None, description="If set, /v1 and /admin require this bearer key")
     max_active_jobs_per_tenant: int = Field(default=100, description="Unfinished jobs a tenant may have (429)")
+    webhook_retry_base_seconds: float = Field(default=2.0, description="First webhook retry delay; doubles")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
 
     @property

@@ -8,6 +8,7 @@ from celery import signals
 from shared.db import session_scope
 from shared.ids import now
 from shared.settings import get_settings
+from shared.webhooks.service import redispatch_pending
 from shared.workers.models import WorkerHeartbeat
 from worker import tasks
 
@@ -41,6 +42,7 @@ def _heartbeat_loop(hostname: str) -> None:
 
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_):
+    redispatch_pending()
     hostname = getattr(sender, "hostname", None) or tasks.worker_name()
     threading.Thread(target=_heartbeat_loop, args=(hostname,), daemon=True, name="tunequeue-heartbeat").start()
 

@@ -22,6 +22,7 @@ from shared.jobs.schemas import DryRun, Hyperparameters, JobCreate
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.webhooks.service import record_job_transition
 
 BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multiplier scales it
 DEFAULT_BATCH_SIZE = 8
@@ -98,6 +99,7 @@ def create_job(session: Session, tenant: str, request: JobCreate, max_active: in
     session.add(job)
     session.add(JobEvent(job_id=job.id, created_at=timestamp, message=f"Created fine-tuning job: {job.id}"))
     session.flush()
+    record_job_transition(session, tenant, job.id, state.VALIDATING)
     job_id = job.id
     after_commit(session, lambda: publish(VALIDATE_TASK, job_id))
     return job

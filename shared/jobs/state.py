@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.ids import now
 from shared.jobs.models import Job, JobEvent
+from shared.webhooks.service import record_job_transition
 
 VALIDATING = "validating_files"
 QUEUED = "queued"
@@ -63,6 +64,8 @@ def transition(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     current_attempt = session.get(Job, job_id, populate_existing=True)
+    if current_attempt is not None:
+        record_job_transition(session, current_attempt.tenant, job_id, target)
     session.add(
         JobEvent(
             job_id=job_id,

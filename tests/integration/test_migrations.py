@@ -9,7 +9,17 @@ from sqlalchemy import create_engine, inspect
 from shared import migrate
 from shared.models import Base
 
-TABLES = {"files", "jobs", "job_events", "checkpoints", "base_models", "workers", "alembic_version"}
+TABLES = {
+    "files",
+    "jobs",
+    "job_events",
+    "checkpoints",
+    "base_models",
+    "workers",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "alembic_version",
+}
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -13,8 +13,15 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from tests.support import chat, write_jsonl
 
 KEY = "sk-tunequeue-test"
-METRIC_KEYS = {"step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-               "full_valid_loss", "full_valid_mean_token_accuracy"}
+METRIC_KEYS = {
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+}
 
 
 @pytest.fixture
@@ -28,7 +35,9 @@ def sdk(production_env, make_stack, tiny_model):
 
 
 def parrot(tmp_path, n=32, name="train.jsonl"):
-    return write_jsonl(tmp_path / name, [chat(f"Tell me about item {i}", f"Squawk! Item {i}. Squawk!") for i in range(n)])
+    return write_jsonl(
+        tmp_path / name, [chat(f"Tell me about item {i}", f"Squawk! Item {i}. Squawk!") for i in range(n)]
+    )
 
 
 def wait(client: OpenAI, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=300) -> FineTuningJob:
@@ -50,7 +59,11 @@ def test_files_jobs_events_checkpoints_and_models(sdk, tmp_path):
     assert sdk.files.content(training.id).content == parrot(tmp_path).read_bytes()
 
     job = sdk.fine_tuning.jobs.create(
-        model="tiny-llama", training_file=training.id, validation_file=validation.id, suffix="sdk", seed=3,
+        model="tiny-llama",
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="sdk",
+        seed=3,
         metadata={"team": "ml"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
         extra_body={"lora_r": 8, "packing": False},
@@ -58,11 +71,18 @@ def test_files_jobs_events_checkpoints_and_models(sdk, tmp_path):
     assert isinstance(job, FineTuningJob) and job.object == "fine_tuning.job" and isinstance(job.created_at, int)
     assert job.hyperparameters.n_epochs == 2 and job.metadata == {"team": "ml"} and job.seed == 3
     assert job.to_dict()["training_options"]["lora_r"] == 8 and job.to_dict()["training_options"]["packing"] is False
-    legacy = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
-                                         hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2})
+    legacy = sdk.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training.id,
+        hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2},
+    )
     assert legacy.hyperparameters.learning_rate_multiplier == 2.0
-    others = [sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, metadata={"team": "x"},
-                                          hyperparameters={"n_epochs": 1}) for _ in range(2)]
+    others = [
+        sdk.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=training.id, metadata={"team": "x"}, hyperparameters={"n_epochs": 1}
+        )
+        for _ in range(2)
+    ]
 
     listed = list(sdk.fine_tuning.jobs.list(limit=2))  # auto-pagination over two pages
     assert [j.id for j in listed] == [others[1].id, others[0].id, legacy.id, job.id]
@@ -107,11 +127,13 @@ def client_get(sdk: OpenAI, path: str):
 
 def test_pause_and_resume_continue_the_steps(sdk, tmp_path):
     training = sdk.files.create(file=parrot(tmp_path, 200).open("rb"), purpose="fine-tune")
-    job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
-                                      hyperparameters={"n_epochs": 2, "batch_size": 1})
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training.id, hyperparameters={"n_epochs": 2, "batch_size": 1}
+    )
     deadline = time.monotonic() + 120
     while (current := sdk.fine_tuning.jobs.retrieve(job.id)).status != "running" or not (
-        current.to_dict().get("progress") or {}).get("step", 0) >= 20:
+        current.to_dict().get("progress") or {}
+    ).get("step", 0) >= 20:
         assert time.monotonic() < deadline, current
         time.sleep(0.2)
     paused = sdk.fine_tuning.jobs.pause(job.id)
@@ -152,15 +174,21 @@ def test_errors_raise_the_sdks_own_classes(sdk, tmp_path):
         sdk.fine_tuning.jobs.cancel(job.id)
     assert conflict.value.code == "job_not_cancellable"
 
-    done = wait(sdk, sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id,
-                                                 hyperparameters={"n_epochs": 1}).id)
+    done = wait(
+        sdk,
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, hyperparameters={"n_epochs": 1}).id,
+    )
     with pytest.raises(openai.UnprocessableEntityError) as unprocessable:
         sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=done.result_files[0])
     assert unprocessable.value.param == "training_file"
 
     long = sdk.files.create(file=parrot(tmp_path, 200, "long.jsonl").open("rb"), purpose="fine-tune")
-    queued = [sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=long.id,
-                                          hyperparameters={"n_epochs": 5, "batch_size": 1}) for _ in range(4)]
+    queued = [
+        sdk.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=long.id, hyperparameters={"n_epochs": 5, "batch_size": 1}
+        )
+        for _ in range(4)
+    ]
     with pytest.raises(openai.RateLimitError) as limited:
         sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=long.id)
     assert limited.value.response.headers["retry-after"] == "60"

@@ -197,8 +197,15 @@ def test_pause_and_resume_continue_the_same_loss_curve(tmp_path, tiny_model):
     import os
     import signal
 
-    config = {"base_model_path": str(tiny_model), "train_file": str(parrot(tmp_path, 40)), "n_epochs": 2,
-              "batch_size": 4, "learning_rate": 5e-3, "seed": 4, "n_checkpoints": 0}
+    config = {
+        "base_model_path": str(tiny_model),
+        "train_file": str(parrot(tmp_path, 40)),
+        "n_epochs": 2,
+        "batch_size": 4,
+        "learning_rate": 5e-3,
+        "seed": 4,
+        "n_checkpoints": 0,
+    }
     code, events = run_recipe(tmp_path, config, "straight")
     assert code == 0
     straight = [m["train_loss"] for m in metrics_of(events)]
@@ -207,7 +214,10 @@ def test_pause_and_resume_continue_the_same_loss_curve(tmp_path, tiny_model):
     path.write_text(json.dumps(config))
     process = subprocess.Popen(
         [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "paused")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
     )
     first = []
     for line in process.stdout:
