@@ -129,6 +129,8 @@ def attempt_delivery(delivery_id: str) -> str:
         if delivery is None or delivery.status != "pending":
             return delivery.status if delivery else "gone"
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+        if endpoint is None:  # deleted since: nothing to send to
+            return "gone"
         url, secret, payload = endpoint.url, endpoint.secret, delivery.payload
     timestamp = str(now())  # fresh per attempt; the webhook-id stays the same so receivers can deduplicate
     headers = {
@@ -150,6 +152,8 @@ def _record_attempt(delivery_id: str, code: int | None, error: str | None) -> st
     base = get_settings().webhook_retry_base_seconds
     with session_scope() as session:
         delivery = session.get(WebhookDelivery, delivery_id)
+        if delivery is None:
+            return "gone"
         delivery.attempts += 1
         delivery.last_status_code, delivery.last_error = code, error
         delivery.history = [*delivery.history, {"at": now(), "status_code": code, "error": error}]
