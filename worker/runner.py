@@ -43,6 +43,7 @@ class JobRunner:
         self.done: dict | None = None
         self.metrics_rows: list[dict] = []
         self.paused: dict | None = None
+        self.reporting = False
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self._last_metrics_write = 0.0
         self._pending_metrics: dict | None = None
@@ -138,7 +139,7 @@ class JobRunner:
             if flags.stop:
                 self.cancelled = True
                 self.stop_recipe()
-            elif flags.pause and not self.pausing:
+            elif flags.pause and not self.pausing and self.reporting:  # its handler is in place once it reports
                 # The recipe finishes its step, saves its whole state and exits with PAUSED_EXIT_CODE.
                 self.pausing = True
                 os.kill(self.process.pid, signal.SIGUSR1)
@@ -177,6 +178,7 @@ class JobRunner:
             self.stderr_tail.append(line.rstrip())
 
     def handle(self, event: dict) -> None:
+        self.reporting = True
         kind = event.pop("event")
         if kind == "metrics":
             self.metrics_rows.append(event)

@@ -236,3 +236,26 @@ def test_pause_and_resume_continue_the_same_loss_curve(tmp_path, tiny_model):
     rest = metrics_of(events)
     assert rest[0]["step"] == paused["step"] + 1 and rest[-1]["step"] == len(straight)
     assert [m["train_loss"] for m in first + rest] == pytest.approx(straight, abs=1e-3)
+
+
+def test_a_pause_during_model_loading_is_honoured_after_the_first_step(tmp_path, tiny_model):
+    import os
+    import signal
+    import time
+
+    path = tmp_path / "early.json"
+    path.write_text(
+        json.dumps({"base_model_path": str(tiny_model), "train_file": str(parrot(tmp_path)), "n_checkpoints": 0})
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "early")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(1.5)  # past interpreter start, before the first step
+    os.kill(process.pid, signal.SIGUSR1)
+    events = [e for e in map(parse_line, process.stdout) if e]
+    assert process.wait() == 3
+    assert next(e for e in events if e["event"] == "paused")["step"] == 1

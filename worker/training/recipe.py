@@ -7,7 +7,6 @@ import math
 import platform
 import random
 import shutil
-import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from shared.datasets.tokenization import ChatTokenizer, Encoded
+from worker.training import control
 from worker.training import data as chat_data
 from worker.training.config import TrainingConfig
 from worker.training.model import attach_lora, device, load_base_model
@@ -47,7 +47,6 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     if config.resume_from is not None:
         loop.load_state(config.resume_from)
         reporter.event("message", message=f"Resumed at step {loop.global_step} (epoch {loop.epoch})")
-    signal.signal(signal.SIGUSR1, loop.request_pause)
     try:
         loop.run()
     except Paused as paused:
@@ -113,7 +112,6 @@ class TrainingLoop:
         self.initial: dict = {}
         self.epoch, self.batch_index = 1, 0
         self.elapsed_before = 0.0
-        self.pause_requested = False
 
     def run(self) -> None:
         if self.valid_set and not self.initial:  # the base model's score, so that "better" has a reference
@@ -131,7 +129,7 @@ class TrainingLoop:
                 self.batch_index = index + 1
                 if self.stopped_early:
                     return
-                if self.pause_requested and not self.finished:
+                if control.pause_requested.is_set() and not self.finished:
                     self.save_state(self.out / "resume")
                     raise Paused(self.global_step)
             self.batch_index = 0
@@ -235,9 +233,6 @@ class TrainingLoop:
             correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
             tokens += int(mask.sum())
         return {"valid_loss": loss_sum / max(tokens, 1), "valid_mean_token_accuracy": correct / max(tokens, 1)}
-
-    def request_pause(self, *_signal) -> None:
-        self.pause_requested = True  # acted on after the current step
 
     def evaluate_and_track(self) -> None:
         metrics = self.evaluate()
