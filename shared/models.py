@@ -3,6 +3,7 @@
 from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
 from shared.files.models import File
+from shared.idempotency.models import IdempotencyKey
 from shared.jobs.models import Checkpoint, Job, JobEvent
 from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
 from shared.workers.models import WorkerHeartbeat
@@ -12,6 +13,7 @@ __all__ = [
     "BaseModelRecord",
     "Checkpoint",
     "File",
+    "IdempotencyKey",
     "Job",
     "JobEvent",
     "WebhookDelivery",

@@ -1,11 +1,13 @@
-from typing import Literal
+import hashlib
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Header, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
 from shared.files import service
 from shared.files.schemas import FileDeleted, FileObject
+from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs.schemas import Page
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -19,17 +21,32 @@ def create_file(
     tenant: Tenant,
     file: UploadFile,
     purpose: str = Form(...),
+    idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    created = service.create_file(
-        session,
-        storage,
-        tenant=tenant,
-        stream=file.file,
-        filename=file.filename or "upload.jsonl",
-        purpose=purpose,
-        max_bytes=settings.max_upload_bytes,
-    )
-    return FileObject.of(created)
+    def create() -> dict:
+        created = service.create_file(
+            session,
+            storage,
+            tenant=tenant,
+            stream=file.file,
+            filename=file.filename or "upload.jsonl",
+            purpose=purpose,
+            max_bytes=settings.max_upload_bytes,
+        )
+        return FileObject.of(created).model_dump(mode="json")
+
+    fingerprint = None
+    if idempotency_key is not None:
+        fingerprint = request_fingerprint(purpose, file.filename, upload_sha256(file))
+    return idempotent(session, tenant, idempotency_key, "POST /v1/files", fingerprint or "", create)
+
+
+def upload_sha256(file: UploadFile) -> str:
+    digest = hashlib.sha256()
+    while chunk := file.file.read(1024 * 1024):
+        digest.update(chunk)
+    file.file.seek(0)
+    return digest.hexdigest()
 
 
 @router.get("", response_model=Page)

@@ -1,10 +1,12 @@
 import json
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
 from shared.errors import InvalidRequest, NotFound
+from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service, state
 from shared.jobs.errors import AdapterNotReady
 from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject, Page
@@ -13,10 +15,23 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
 @router.post("", response_model=FineTuningJob | DryRun)
-def create_job(session: DbSession, storage: StorageDep, settings: SettingsDep, tenant: Tenant, request: JobCreate):
+def create_job(
+    session: DbSession,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: Tenant,
+    request: JobCreate,
+    idempotency_key: Annotated[str | None, Header()] = None,
+):
     if request.dry_run:
         return service.dry_run(session, storage, settings, tenant, request)
-    return FineTuningJob.of(service.create_job(session, tenant, request, settings.max_active_jobs_per_tenant))
+
+    def create() -> dict:
+        job = service.create_job(session, tenant, request, settings.max_active_jobs_per_tenant)
+        return FineTuningJob.of(job).model_dump(mode="json")
+
+    fingerprint = request_fingerprint(request.model_dump(mode="json"))
+    return idempotent(session, tenant, idempotency_key, "POST /v1/fine_tuning/jobs", fingerprint, create)
 
 
 @router.get("", response_model=Page)

@@ -11,6 +11,7 @@ from shared.models import Base
 
 TABLES = {
     "files",
+    "idempotency_keys",
     "jobs",
     "job_events",
     "checkpoints",
