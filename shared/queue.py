@@ -55,3 +55,26 @@ def queue_depth() -> int | None:
         if size is not None:
             return int(size(queue))
         return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+LONGEST_JOB_SECONDS = 3 * 24 * 3600  # the visibility timeout must stay above this
+
+
+def check_long_job_config(conf) -> list[str]:
+    """What in a Celery configuration would lose or duplicate long training jobs (empty: all is well)."""
+    problems = []
+    if not conf.task_acks_late:
+        problems.append("task_acks_late must be True: a message must stay unacked until the job is done")
+    if not conf.task_reject_on_worker_lost:
+        problems.append("task_reject_on_worker_lost must be True: a killed worker's job must go back to the queue")
+    if conf.worker_prefetch_multiplier != 1:
+        problems.append("worker_prefetch_multiplier must be 1: a training job must not reserve a second one")
+    if not conf.worker_cancel_long_running_tasks_on_connection_loss:
+        problems.append("worker_cancel_long_running_tasks_on_connection_loss must be True")
+    timeout = (conf.broker_transport_options or {}).get("visibility_timeout")
+    if str(conf.broker_url).startswith("redis") and (timeout is None or timeout <= LONGEST_JOB_SECONDS):
+        problems.append(
+            f"the Redis visibility_timeout ({timeout}) must exceed the longest job "
+            f"({LONGEST_JOB_SECONDS} s), or Redis redelivers a job that is still running"
+        )
+    return problems

@@ -7,6 +7,7 @@ from celery import signals
 
 from shared.db import session_scope
 from shared.ids import now
+from shared.queue import check_long_job_config
 from shared.settings import get_settings
 from shared.webhooks.service import redispatch_pending
 from shared.workers.models import WorkerHeartbeat
@@ -38,6 +39,13 @@ def _heartbeat_loop(hostname: str) -> None:
         except Exception:  # the database may be briefly away; the next beat retries
             pass
         _stop.wait(get_settings().heartbeat_seconds)
+
+
+@signals.worker_init.connect
+def _refuse_unsafe_config(**_):
+    problems = check_long_job_config(app.conf)
+    if problems:
+        raise RuntimeError("unsafe Celery configuration for training jobs: " + "; ".join(problems))
 
 
 @signals.worker_ready.connect
