@@ -146,28 +146,31 @@ def download(client: httpx.Client, job_id: str) -> Path:
     return target
 
 
+def evaluate(base: Path, data: Path, adapter: Path | None = None, generate: int = 0) -> dict:
+    """Held-out loss and greedy answers, in a child process (this one never imports torch)."""
+    command = [
+        sys.executable,
+        "-m",
+        "worker.training.evaluate",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--generate",
+        str(generate),
+    ]
+    if adapter is not None:
+        command += ["--adapter", str(adapter)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"evaluation failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def compare(adapter: Path) -> None:
     base = get_settings().resolved_model_dir / "smollm2-135m-instruct"
-    results = {}
-    for name, extra in (("base", []), ("tuned", ["--adapter", str(adapter)])):
-        output = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker.training.evaluate",
-                "--base",
-                str(base),
-                "--data",
-                str(SAMPLE / "heldout.jsonl"),
-                "--generate",
-                "5",
-                *extra,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[name] = json.loads(output.strip().splitlines()[-1])
+    heldout = SAMPLE / "heldout.jsonl"
+    results = {"base": evaluate(base, heldout, generate=5), "tuned": evaluate(base, heldout, adapter, generate=5)}
     print(
         f"\nHeld-out loss (assistant tokens, {results['base']['tokens']} tokens): "
         f"base {results['base']['loss']:.3f} -> tuned {results['tuned']['loss']:.3f}\n"

