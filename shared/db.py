@@ -3,16 +3,20 @@ transaction; services only `flush()`. Work that must happen only once the transa
 a task) is registered with `after_commit` and dropped on rollback."""
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from shared.settings import get_settings
 
 _AFTER_COMMIT = "tunequeue_after_commit"
+T = TypeVar("T")
 log = logging.getLogger("tunequeue.db")
 
 
@@ -81,3 +85,20 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def retrying(action: Callable[[Session], T], what: str, deadline_seconds: float = 300) -> T:
+    """Run `action` in its own transaction, and run it again while the database is unreachable (a restart, a
+    failover) for up to `deadline_seconds`. For a worker's writes: training goes on meanwhile, and the writes
+    are fenced, so running one twice is harmless."""
+    started, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            with session_scope() as session:
+                return action(session)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() - started > deadline_seconds:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

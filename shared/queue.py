@@ -1,6 +1,8 @@
 """The Celery application, configured for long training jobs. It lives in `shared` so the API can publish
 tasks by name without importing the worker (and torch); `worker.tasks` registers the task bodies."""
 
+import json
+import re
 from functools import lru_cache
 
 from celery import Celery
@@ -55,6 +57,54 @@ def queue_depth() -> int | None:
         if size is not None:
             return int(size(queue))
         return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+
+
+def waiting_messages() -> set[tuple[str, str]] | None:
+    """(task name, job id) of every message waiting in the training queue, or None if this broker cannot be
+    inspected. A message a worker has taken is not waiting: that job is claimed within moments, and a
+    duplicate publish is harmless anyway (the claim lets one attempt through)."""
+    settings = get_settings()
+    url, queue = settings.resolved_broker_url, settings.queue_name
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        # kombu keeps one list per priority step: the queue's name, then name + "\x06\x16" + step.
+        keys = [queue] + [k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*")]
+        raw = [entry for key in keys for entry in client.lrange(key, 0, -1)]
+    elif url.startswith("sqla+"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url.removeprefix("sqla+"))
+        try:
+            with engine.connect() as connection:
+                raw = list(
+                    connection.execute(
+                        text(
+                            "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                            "WHERE q.name = :queue AND m.visible"
+                        ),
+                        {"queue": queue},
+                    ).scalars()
+                )
+        except Exception:  # no message was ever sent: kombu creates its tables on first use
+            raw = []
+        finally:
+            engine.dispose()
+    else:
+        return None
+    found = set()
+    for entry in raw:
+        try:
+            headers = json.loads(entry)["headers"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for job_id in JOB_ID.findall(str(headers.get("argsrepr", ""))):
+            found.add((headers.get("task", ""), job_id))
+    return found
 
 
 LONGEST_JOB_SECONDS = 3 * 24 * 3600  # the visibility timeout must stay above this

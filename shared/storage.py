@@ -2,17 +2,21 @@
 Keys are '/'-separated paths built by the server, never by the user."""
 
 import hashlib
+import logging
 import shutil
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from shared.settings import get_settings
 
 CHUNK = 1024 * 1024
+T = TypeVar("T")
+log = logging.getLogger("tunequeue.storage")
 
 
 class StorageError(Exception):
@@ -67,6 +71,65 @@ class Storage(ABC):
                 out.write(chunk)
         partial.replace(path)
         return digest.hexdigest()
+
+    def sha256_of(self, key: str) -> str:
+        """The sha256 of the object as stored (read back, not taken from the writer's word)."""
+        digest = hashlib.sha256()
+        for chunk in self.iter_chunks(key):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def with_retries(action: Callable[[], T], what: str, tries: int = 5, base_delay: float = 0.5) -> T:
+    """Run `action`, retrying with exponential backoff; the last failure is raised as a StorageError that
+    says what was being done. A missing object is not retried."""
+    for attempt in range(1, tries + 1):
+        try:
+            return action()
+        except ObjectNotFound:
+            raise
+        except Exception as exc:
+            if attempt == tries:
+                raise StorageError(f"{what} failed after {tries} tries: {type(exc).__name__}: {exc}") from exc
+            log.warning("%s failed (try %d of %d): %s; retrying", what, attempt, tries, exc)
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def put_verified(storage: "Storage", key: str, data: bytes, tries: int = 5) -> str:
+    """Upload `data` and read the stored object back: returns its sha256 only once the store holds exactly
+    these bytes. Retried as a whole, so a torn or failed upload is simply written again."""
+    expected = hashlib.sha256(data).hexdigest()
+
+    def upload_and_check() -> str:
+        storage.put_bytes(key, data)
+        stored = storage.sha256_of(key)
+        if stored != expected:
+            raise StorageError(f"{key}: stored object has sha256 {stored}, expected {expected}")
+        return stored
+
+    return with_retries(upload_and_check, f"uploading {key}", tries)
+
+
+def download_verified(storage: "Storage", key: str, path: Path, expected_sha256: str, tries: int = 5) -> None:
+    """Download an object and refuse it unless its sha256 is the one recorded in the database."""
+
+    def fetch() -> None:
+        actual = storage.download(key, path)
+        if actual != expected_sha256:
+            path.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"{key}: sha256 {actual} does not match the recorded {expected_sha256}")
+
+    try:
+        with_retries(fetch, f"downloading {key}", tries)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, ChecksumMismatch):
+            raise exc.__cause__ from None
+        raise
+
+
+class ChecksumMismatch(StorageError):
+    pass
 
 
 class _HashingReader:

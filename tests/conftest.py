@@ -46,16 +46,38 @@ def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
+class PostgresAdmin:
+    """Runs admin statements on a connection that is opened again after a Postgres restart (chaos tests)."""
+
+    def __init__(self):
+        self.connection = self._connect()
+
+    @staticmethod
+    def _connect():
+        import psycopg
+
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+
+    def execute(self, statement: str) -> None:
+        import psycopg
+
+        try:
+            self.connection.execute(statement)
+        except psycopg.OperationalError:
+            self.connection = self._connect()
+            self.connection.execute(statement)
+
+
 @pytest.fixture(scope="session")
 def postgres_admin():
     import psycopg
 
     try:
-        connection = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+        admin = PostgresAdmin()
     except psycopg.OperationalError as exc:
         pytest.fail(f"Postgres is not reachable at {PG_ADMIN_URL} ({exc}); start it as .ci/run does")
-    yield connection
-    connection.close()
+    yield admin
+    admin.connection.close()
 
 
 @pytest.fixture

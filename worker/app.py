@@ -1,5 +1,6 @@
 """`celery -A worker.app worker`: the Celery app with tasks registered, plus the worker heartbeat."""
 
+import logging
 import os
 import threading
 
@@ -7,14 +8,16 @@ from celery import signals
 
 from shared.db import session_scope
 from shared.ids import now
+from shared.jobs.recovery import sweep
 from shared.queue import check_long_job_config
 from shared.settings import get_settings
 from shared.webhooks.service import redispatch_pending
 from shared.workers.models import WorkerHeartbeat
-from worker import tasks
+from worker import runner, tasks
 
 app = tasks.app
 _stop = threading.Event()
+log = logging.getLogger("tunequeue.worker")
 
 
 def beat_once(hostname: str, started_at: int) -> None:
@@ -41,6 +44,16 @@ def _heartbeat_loop(hostname: str) -> None:
         _stop.wait(get_settings().heartbeat_seconds)
 
 
+def _sweep_loop() -> None:
+    """Every worker sweeps: requeue jobs whose lease expired, republish jobs whose message was lost."""
+    while not _stop.is_set():
+        try:
+            sweep()
+        except Exception as exc:  # the database or the broker may be briefly away
+            log.warning("sweep failed: %s", exc)
+        _stop.wait(get_settings().sweep_seconds)
+
+
 @signals.worker_init.connect
 def _refuse_unsafe_config(**_):
     problems = check_long_job_config(app.conf)
@@ -53,6 +66,15 @@ def _start_heartbeat(sender=None, **_):
     redispatch_pending()
     hostname = getattr(sender, "hostname", None) or tasks.worker_name()
     threading.Thread(target=_heartbeat_loop, args=(hostname,), daemon=True, name="tunequeue-heartbeat").start()
+    threading.Thread(target=_sweep_loop, daemon=True, name="tunequeue-sweeper").start()
+
+
+@signals.worker_shutting_down.connect
+def _drain(sig=None, how=None, **_):
+    """SIGTERM (warm shutdown): running jobs save their state and go back to the queue for the next worker.
+    Celery waits for the tasks to return, which they do once their checkpoint is stored."""
+    log.warning("worker shutting down (%s, %s): checkpointing and requeueing running jobs", sig, how)
+    runner.SHUTDOWN.set()
 
 
 @signals.worker_shutdown.connect

@@ -18,20 +18,54 @@ from collections import deque
 from pathlib import Path
 
 from shared.basemodels.service import ensure_local_copy, get_base_model
-from shared.db import session_scope
+from shared.db import retrying, session_scope
 from shared.files.models import File
 from shared.files.service import create_result_file
-from shared.jobs import execution
+from shared.jobs import execution, state
 from shared.jobs.models import Job
 from shared.jobs.service import fine_tuned_model_name
 from shared.settings import get_settings
-from shared.storage import get_storage
+from shared.storage import StorageError, download_verified, get_storage, put_verified, with_retries
 from worker.training.reporter import parse_line
 
 PAUSED_EXIT_CODE = 3  # worker.training.recipe.PAUSED_EXIT_CODE; importing it would import torch here
 
 log = logging.getLogger("tunequeue.worker")
 STOP_GRACE_SECONDS = 5
+# Set when the worker is asked to shut down (SIGTERM): running jobs checkpoint and go back to the queue.
+SHUTDOWN = threading.Event()
+
+
+class RetryAttempt(Exception):
+    """This attempt ended for a reason that is not the job's fault (its process was killed, storage or the
+    database failed, the worker is shutting down): requeue the job for another attempt."""
+
+    def __init__(self, reason: str, code: str = "worker_lost"):
+        super().__init__(reason)
+        self.code = code
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the attempt's lease while the worker holds the job, from the claim (so downloading a large base
+    model counts too) to the end. `lost` is set once the attempt is no longer the job's."""
+
+    def __init__(self, job_id: str, attempt: int, lease_seconds: float):
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.job_id, self.attempt, self.lease_seconds = job_id, attempt, lease_seconds
+        self.stopped, self.lost = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_seconds / 4):
+            try:
+                with session_scope() as session:
+                    if not execution.renew_lease(session, self.job_id, self.attempt, self.lease_seconds):
+                        self.lost.set()
+                        return
+            except Exception as exc:  # the database is away: keep training, keep trying
+                log.warning("could not renew the lease of %s: %s", self.job_id, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 class JobRunner:
@@ -47,13 +81,31 @@ class JobRunner:
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self._last_metrics_write = 0.0
         self._pending_metrics: dict | None = None
+        self.cancelled = self.pausing = self.draining = False
+        self.lease = LeaseKeeper(job_id, attempt, self.settings.lease_seconds)
+
+    @property
+    def prefix(self) -> str:
+        """Every object this attempt writes lives under its own prefix; only a fenced DB write promotes one."""
+        return f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}"
 
     def run(self) -> None:
-        with tempfile.TemporaryDirectory(prefix=f"tunequeue-{self.job_id}-") as scratch:
-            workdir = Path(scratch)
-            config = self.prepare(workdir)
-            returncode = self.run_recipe(config, workdir / "out")
-            self.finish(returncode, workdir)
+        self.lease.start()
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"tunequeue-{self.job_id}-") as scratch:
+                workdir = Path(scratch)
+                try:
+                    config = self.prepare(workdir)
+                except StorageError as exc:
+                    raise RetryAttempt(
+                        f"Attempt {self.attempt} could not fetch its inputs: {exc}", "storage_error"
+                    ) from exc
+                if SHUTDOWN.is_set():
+                    raise RetryAttempt(f"Worker {self.worker} is shutting down")
+                returncode = self.run_recipe(config, workdir / "out")
+                self.finish(returncode, workdir)
+        finally:
+            self.lease.stop()
 
     def prepare(self, workdir: Path) -> Path:
         with session_scope() as session:
@@ -63,7 +115,8 @@ class JobRunner:
             files = {"train": session.get(File, job.training_file)}
             if job.validation_file:
                 files["validation"] = session.get(File, job.validation_file)
-            resume = (job.resume_key, job.resume_sha256) if job.resume_key else None
+            checkpoint = execution.newest_resumable_checkpoint(session, self.job_id)
+            resume = (checkpoint.storage_key, checkpoint.sha256, checkpoint.step) if checkpoint else None
             tenant, model_id, options, hyper, seed = (
                 job.tenant,
                 job.model,
@@ -72,14 +125,16 @@ class JobRunner:
                 job.seed,
             )
             sources = {name: (f.storage_key, f.sha256) for name, f in files.items() if f is not None}
+        self.tenant = tenant
         execution_event(self, "Preparing base model and training data")
-        model_path = ensure_local_copy(base, self.storage, self.settings.resolved_model_dir)
+        tries = self.settings.storage_retries
+        model_path = with_retries(
+            lambda: ensure_local_copy(base, self.storage, self.settings.resolved_model_dir), "fetching the base", tries
+        )
         paths = {}
         for name, (key, sha256) in sources.items():
             paths[name] = workdir / f"{name}.jsonl"
-            if self.storage.download(key, paths[name]) != sha256:
-                raise RuntimeError(f"the {name} file failed its checksum")
-        self.tenant = tenant
+            download_verified(self.storage, key, paths[name], sha256, tries)
         resume_from = self.fetch_resume_state(workdir, *resume) if resume else None
         recipe_hyperparameters = {k: v for k, v in hyper.items() if k != "learning_rate_multiplier"}
         config = {
@@ -92,6 +147,7 @@ class JobRunner:
             "seed": seed,
             "hyperparameters": hyper,
             "checkpoint_every_steps": self.settings.checkpoint_every_steps,
+            "checkpoint_every_minutes": self.settings.checkpoint_every_minutes,
             "resume_from": str(resume_from) if resume_from else None,
             **recipe_hyperparameters,
             **options,
@@ -100,14 +156,15 @@ class JobRunner:
         path.write_text(json.dumps(config, indent=2))
         return path
 
-    def fetch_resume_state(self, workdir: Path, key: str, sha256: str) -> Path:
-        """The state a pause saved, checked against the sha256 recorded with it."""
+    def fetch_resume_state(self, workdir: Path, key: str, sha256: str, step: int) -> Path:
+        """The newest checkpoint with full training state, loaded only if its sha256 is the one in the DB."""
         archive = workdir / "resume.zip"
-        if self.storage.download(key, archive) != sha256:
-            raise RuntimeError("the saved training state failed its checksum")
+        download_verified(self.storage, key, archive, sha256, self.settings.storage_retries)
         folder = workdir / "resume"
         zipfile.ZipFile(archive).extractall(folder)
-        self.metrics_rows = json.loads((folder / "metrics_rows.json").read_text())
+        rows = json.loads((folder / "metrics_rows.json").read_text())
+        self.metrics_rows = [row for row in rows if row["step"] <= step]
+        execution_event(self, f"Resuming from the checkpoint at step {step} (sha256 verified)")
         return folder
 
     def run_recipe(self, config: Path, out: Path) -> int:
@@ -122,7 +179,12 @@ class JobRunner:
             text=True,
             bufsize=1,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "TUNEQUEUE_PARENT_PID": str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)
+            },
         )
         readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
@@ -130,23 +192,36 @@ class JobRunner:
         ]
         for reader in readers:
             reader.start()
-        self.cancelled = self.pausing = False
         while self.process.poll() is None:
             time.sleep(self.settings.cancel_poll_seconds)
-            self._flush_metrics(force=False)
-            with session_scope() as session:
-                flags = execution.control_flags(session, self.job_id, self.attempt)
-            if flags.stop:
+            try:
+                self._flush_metrics(force=False)
+                with session_scope() as session:
+                    flags = execution.control_flags(session, self.job_id, self.attempt)
+            except Exception as exc:  # the database is away: the recipe trains on, the lease says how long
+                log.warning("could not poll the controls of %s: %s", self.job_id, exc)
+                flags = execution.ControlFlags(stop=False, pause=False)
+            if flags.stop or self.lease.lost.is_set():
                 self.cancelled = True
                 self.stop_recipe()
+            elif SHUTDOWN.is_set() and not self.draining:
+                self.draining = True
+                if self.reporting:
+                    self.request_state_save()
+                else:  # still loading: nothing worth saving yet
+                    self.stop_recipe()
             elif flags.pause and not self.pausing and self.reporting:  # its handler is in place once it reports
-                # The recipe finishes its step, saves its whole state and exits with PAUSED_EXIT_CODE.
-                self.pausing = True
-                os.kill(self.process.pid, signal.SIGUSR1)
+                self.request_state_save()
         for reader in readers:
             reader.join(timeout=10)
         self._flush_metrics(force=True)
         return self.process.returncode
+
+    def request_state_save(self) -> None:
+        """The recipe finishes its step, saves its whole state and exits with PAUSED_EXIT_CODE."""
+        if not self.pausing:
+            self.pausing = True
+            os.kill(self.process.pid, signal.SIGUSR1)
 
     def stop_recipe(self) -> None:
         for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 10)):
@@ -205,45 +280,87 @@ class JobRunner:
         with session_scope() as session:
             execution.record_metrics(session, self.job_id, self.attempt, pending)
 
-    def save_paused_state(self, folder: Path) -> None:
-        step = self.paused["step"]
+    def save_state_checkpoint(self, event: dict) -> tuple[int, str, str | None]:
+        """Upload the recipe's saved state (with the metrics so far) and record it as a resumable checkpoint."""
+        step = event["step"]
+        folder = Path(event["path"])
         (folder / "metrics_rows.json").write_text(json.dumps(self.metrics_rows))
-        key = f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}/resume-step-{step}.zip"
-        _, sha256 = self.storage.put_bytes(key, zip_folder(folder))
-        with session_scope() as session:
-            execution.record_checkpoint(
-                session,
-                self.job_id,
-                self.attempt,
-                step=step,
-                metrics=self.paused["metrics"],
-                storage_key=key,
-                sha256=sha256,
-            )
-            execution.pause_job(session, self.job_id, self.attempt, step=step, resume_key=key, resume_sha256=sha256)
+        key = f"{self.prefix}/checkpoints/step-{step}.zip"
+        return step, key, self.promote_checkpoint(step, event["metrics"], zip_folder(folder), key)
+
+    def promote_checkpoint(self, step: int, metrics: dict, data: bytes, key: str) -> str | None:
+        """Write the object, read it back, write its completion marker, then record it in the DB (fenced). A
+        stale attempt's upload is deleted again: it never becomes a checkpoint."""
+        tries = self.settings.storage_retries
+        sha256 = put_verified(self.storage, key, data, tries)
+        marker = json.dumps({"key": key, "sha256": sha256, "bytes": len(data), "step": step}).encode()
+        put_verified(self.storage, f"{key}.complete", marker, tries)
+        recorded = retrying(
+            lambda session: (
+                execution.record_checkpoint(
+                    session,
+                    self.job_id,
+                    self.attempt,
+                    step=step,
+                    metrics=metrics,
+                    storage_key=key,
+                    sha256=sha256,
+                    resumable=True,
+                )
+                is not None
+            ),
+            f"recording checkpoint {step} of {self.job_id}",
+        )
+        if not recorded:
+            self.discard(key, f"{key}.complete")
+            return None
+        return sha256
+
+    def discard(self, *keys: str) -> None:
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except Exception:
+                log.exception("could not delete %s", key)
 
     def upload_checkpoint(self, event: dict) -> None:
-        step = event["step"]
-        key = f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}/checkpoints/step-{step}.zip"
-        _, sha256 = self.storage.put_bytes(key, zip_folder(Path(event["path"])))
-        with session_scope() as session:
-            execution.record_checkpoint(
-                session, self.job_id, self.attempt, step=step, metrics=event["metrics"], storage_key=key, sha256=sha256
-            )
+        self.save_state_checkpoint(event)
 
     def finish(self, returncode: int, workdir: Path) -> None:
         if self.cancelled:
-            with session_scope() as session:
-                execution.cancel_running_job(session, self.job_id, self.attempt)
+            # Cancelled by the user, or this attempt is stale (reaped): the fenced write settles which.
+            retrying(
+                lambda session: execution.cancel_running_job(session, self.job_id, self.attempt),
+                f"cancelling {self.job_id}",
+            )
             return
         if returncode == PAUSED_EXIT_CODE and self.paused is not None:
-            self.save_paused_state(Path(self.paused["path"]))
+            step, key, sha256 = self.save_state_checkpoint(self.paused)
+            if self.draining:
+                raise RetryAttempt(f"Worker {self.worker} shut down; its state at step {step} is saved")
+            if sha256 is not None:
+                retrying(
+                    lambda session: execution.pause_job(
+                        session, self.job_id, self.attempt, step=step, resume_key=key, resume_sha256=sha256
+                    ),
+                    f"pausing {self.job_id}",
+                )
             return
         if returncode != 0 or self.done is None:
-            raise RecipeFailed(self.error, returncode, list(self.stderr_tail))
-        adapter = zip_folder(Path(self.done["adapter"]))
-        key = f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}/adapter.zip"
-        _, sha256 = self.storage.put_bytes(key, adapter)
+            if self.error is not None:  # the recipe says why: the job's data or config, or its own failure
+                raise RecipeFailed(self.error, returncode, list(self.stderr_tail))
+            how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+            last = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
+            raise RetryAttempt(f"Attempt {self.attempt}: the training process {how}" + (f" ({last})" if last else ""))
+        self.promote_adapter()
+
+    def promote_adapter(self) -> None:
+        """Upload the adapter under this attempt's prefix, verify the stored bytes, then succeed the job in one
+        fenced transaction. If another attempt owns the job by then, the upload is deleted: one adapter."""
+        assert self.done is not None
+        key = f"{self.prefix}/adapter.zip"
+        sha256 = put_verified(self.storage, key, zip_folder(Path(self.done["adapter"])), self.settings.storage_retries)
+        results_csv = metrics_csv(self.metrics_rows)
         final = self.done["metrics"]
         keys = (
             "train_loss",
@@ -253,9 +370,14 @@ class JobRunner:
             "full_valid_loss",
             "full_valid_mean_token_accuracy",
         )
-        with session_scope() as session:
-            job = session.get(Job, self.job_id)
+
+        def succeed(session) -> bool:
+            job = session.get(Job, self.job_id, populate_existing=True)
             assert job is not None
+            if job.status == state.SUCCEEDED and job.adapter_key == key:
+                return True  # an earlier try committed but its reply was lost
+            if not execution.is_current(session, self.job_id, self.attempt):
+                return False
             # The delivered adapter is the newest checkpoint, with the final (full validation) metrics.
             execution.record_checkpoint(
                 session,
@@ -272,19 +394,24 @@ class JobRunner:
                 tenant=self.tenant,
                 job_id=self.job_id,
                 filename=f"{self.job_id}_results.csv",
-                data=metrics_csv(self.metrics_rows),
+                data=results_csv,
             )
-            execution.succeed_job(
+            name = fine_tuned_model_name(job)
+            return execution.succeed_job(
                 session,
                 self.job_id,
                 self.attempt,
-                fine_tuned_model=fine_tuned_model_name(job),
+                fine_tuned_model=name,
                 trained_tokens=self.done["trained_tokens"],
                 adapter_key=key,
                 adapter_sha256=sha256,
                 result_files=[results.id],
-                message=f"The job has successfully completed: {fine_tuned_model_name(job)}",
+                message=f"The job has successfully completed: {name}",
             )
+
+        if not retrying(succeed, f"promoting the adapter of {self.job_id}"):
+            log.warning("attempt %d of %s is stale; its adapter is discarded", self.attempt, self.job_id)
+            self.discard(key)
 
 
 class RecipeFailed(Exception):
@@ -299,8 +426,10 @@ class RecipeFailed(Exception):
 
 
 def execution_event(runner: JobRunner, message: str) -> None:
-    with session_scope() as session:
-        execution.add_event(session, runner.job_id, runner.attempt, message)
+    retrying(
+        lambda session: execution.add_event(session, runner.job_id, runner.attempt, message),
+        f"recording an event of {runner.job_id}",
+    )
 
 
 def zip_folder(folder: Path) -> bytes:

@@ -1,20 +1,22 @@
 """Celery tasks. Thin: they take a job id, re-check the row, call a service or the runner, record the result."""
 
 import logging
+import os
 import socket
 
 from sqlalchemy import update
 
 from shared.basemodels.models import BaseModelRecord
-from shared.db import after_commit, session_scope
+from shared.db import after_commit, retrying, session_scope
 from shared.files.models import File
+from shared.ids import now
 from shared.jobs import execution, state
 from shared.jobs.datacheck import check_job_data
 from shared.jobs.models import Job
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery, publish
 from shared.settings import get_settings
-from shared.storage import get_storage
-from worker.runner import JobRunner, RecipeFailed
+from shared.storage import StorageError, get_storage
+from worker.runner import JobRunner, RecipeFailed, RetryAttempt
 
 log = logging.getLogger("tunequeue.worker")
 app = get_celery()
@@ -22,7 +24,8 @@ RUNNING_JOBS: set[str] = set()  # reported in this worker's heartbeat
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}"
+    """Unique per worker process, so that two workers on one node are told apart in leases and events."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @app.task(name=VALIDATE_TASK)
@@ -32,6 +35,7 @@ def validate(job_id: str) -> None:
         job = session.get(Job, job_id)
         if job is None or job.status != state.VALIDATING:
             return
+        job.updated_at = now()  # taken: the sweeper measures "no message for this job" from here
         base = session.get(BaseModelRecord, job.model)
         training = session.get(File, job.training_file)
         validation = session.get(File, job.validation_file) if job.validation_file else None
@@ -68,8 +72,12 @@ def _fail_validation(job_id: str, code: str, message: str, param: str | None) ->
 
 @app.task(name=TRAIN_TASK)
 def train(job_id: str) -> None:
+    """Claim the job (a conditional UPDATE: of any duplicate messages, one wins) and run it. However the
+    attempt ends, the job leaves `running` here: succeeded, paused, cancelled, failed for a reason that is the
+    job's own, or requeued for another attempt when the cause was not (bounded by TUNEQUEUE_MAX_ATTEMPTS)."""
+    settings = get_settings()
     with session_scope() as session:
-        attempt = execution.claim_job(session, job_id, worker_name())
+        attempt = execution.claim_job(session, job_id, worker_name(), settings.lease_seconds)
     if attempt is None:
         log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
         return
@@ -78,9 +86,14 @@ def train(job_id: str) -> None:
         JobRunner(job_id, attempt, worker_name()).run()
     except RecipeFailed as exc:
         _fail(job_id, attempt, exc.code, str(exc), exc.param)
+    except RetryAttempt as exc:
+        _requeue(job_id, attempt, str(exc), exc.code)
+    except StorageError as exc:
+        log.exception("job %s: storage failed", job_id)
+        _requeue(job_id, attempt, f"Attempt {attempt}: object storage failed: {exc}", "storage_error")
     except BaseException as exc:  # never leave a job in `running`
         log.exception("job %s failed", job_id)
-        _fail(job_id, attempt, "internal_error", f"{type(exc).__name__}: {exc}", None)
+        _requeue(job_id, attempt, f"Attempt {attempt}: {type(exc).__name__}: {exc}", "internal_error")
         if not isinstance(exc, Exception):
             raise
     finally:
@@ -88,5 +101,15 @@ def train(job_id: str) -> None:
 
 
 def _fail(job_id: str, attempt: int, code: str, message: str, param: str | None) -> None:
-    with session_scope() as session:
-        execution.fail_job(session, job_id, attempt, code, message, param)
+    retrying(lambda session: execution.fail_job(session, job_id, attempt, code, message, param), f"failing {job_id}")
+
+
+def _requeue(job_id: str, attempt: int, reason: str, code: str) -> None:
+    def requeue(session) -> None:
+        outcome = execution.requeue_job(
+            session, job_id, attempt, reason, max_attempts=get_settings().max_attempts, code=code
+        )
+        if outcome == state.QUEUED:
+            after_commit(session, lambda: publish(TRAIN_TASK, job_id))
+
+    retrying(requeue, f"requeueing {job_id}")

@@ -12,7 +12,7 @@ from shared.datasets.validation import validate_jsonl
 from shared.files.errors import FileNotFound, FileTooLarge, InvalidFile
 from shared.files.models import File
 from shared.ids import new_id, now
-from shared.storage import Storage
+from shared.storage import Storage, put_verified
 
 UPLOAD_PURPOSES = ("fine-tune",)
 RESULTS_PURPOSE = "fine-tune-results"
@@ -65,7 +65,7 @@ def create_result_file(
 ) -> File:
     file_id = new_id("file")
     key = f"tenants/{tenant}/files/{file_id}/{_safe_name(filename)}"
-    size, sha256 = storage.put_bytes(key, data)
+    size, sha256 = len(data), put_verified(storage, key, data)
     file = File(
         id=file_id,
         tenant=tenant,

@@ -11,8 +11,9 @@ from shared.jobs import state
 from shared.jobs.models import Checkpoint, Job, JobEvent
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> int | None:
-    """queued → running with attempt+1; returns the new attempt, or None if another worker has the job."""
+def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float = 60) -> int | None:
+    """queued → running with attempt+1 and a fresh lease; returns the new attempt, or None if another worker
+    has the job (or it was cancelled meanwhile)."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.status != state.QUEUED or job.cancel_requested:
         return None
@@ -27,8 +28,59 @@ def claim_job(session: Session, job_id: str, worker: str) -> int | None:
         attempt=attempt,
         worker=worker,
         started_at=now(),
+        lease_expires_at=now() + int(lease_seconds),
     )
     return attempt if won else None
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: float) -> bool:
+    """Extend this attempt's lease; False once the attempt is no longer the job's (stop working on it)."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status == state.RUNNING)
+        .values(lease_expires_at=now() + int(lease_seconds))
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(changed)
+
+
+def requeue_job(
+    session: Session, job_id: str, attempt: int, reason: str, *, max_attempts: int, code: str = "worker_lost"
+) -> str | None:
+    """Give up this attempt without failing the job: back to `queued` for another attempt (which resumes from
+    the newest verified checkpoint). Returns the job's new status, or None if the attempt was already stale.
+    A requested cancel or pause is honoured here; after `max_attempts` the job fails with `worker_lost`."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != state.RUNNING or job.attempt != attempt:
+        return None
+    checkpoint = newest_resumable_checkpoint(session, job_id)
+    where = f"step {checkpoint.step}" if checkpoint else "the start"
+    values: dict = {"lease_expires_at": None, "worker": None}
+    if job.cancel_requested:
+        target, message = state.CANCELLED, f"{reason}; the job was cancelled"
+    elif job.pause_requested:
+        target, message = state.PAUSED, f"{reason}; paused, resume continues from {where}"
+        values["pause_requested"] = False
+    elif attempt >= max_attempts:
+        message = f"{reason}; giving up after {attempt} attempt(s) (TUNEQUEUE_MAX_ATTEMPTS={max_attempts})"
+        return state.FAILED if fail_job(session, job_id, attempt, code, message) else None
+    else:
+        target, message = (
+            state.QUEUED,
+            f"{reason}; requeued: attempt {attempt + 1} of {max_attempts} resumes from {where}",
+        )
+    moved = state.transition(
+        session, job_id, target, expect={state.RUNNING}, fenced_attempt=attempt, message=message, **values
+    )
+    return target if moved else None
+
+
+def newest_resumable_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    return session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True))
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+        .limit(1)
+    ).first()
 
 
 def is_current(session: Session, job_id: str, attempt: int) -> bool:
@@ -60,6 +112,7 @@ def pause_job(session: Session, job_id: str, attempt: int, *, step: int, resume_
         fenced_attempt=attempt,
         message=f"Fine-tuning job paused at step {step}; resume continues from there",
         pause_requested=False,
+        lease_expires_at=None,
         resume_key=resume_key,
         resume_sha256=resume_sha256,
         estimated_finish=None,
@@ -104,7 +157,15 @@ def record_metrics(session: Session, job_id: str, attempt: int, metrics: dict) -
 
 
 def record_checkpoint(
-    session: Session, job_id: str, attempt: int, *, step: int, metrics: dict, storage_key: str, sha256: str
+    session: Session,
+    job_id: str,
+    attempt: int,
+    *,
+    step: int,
+    metrics: dict,
+    storage_key: str,
+    sha256: str,
+    resumable: bool = False,
 ) -> Checkpoint | None:
     if not is_current(session, job_id, attempt):
         return None
@@ -116,6 +177,7 @@ def record_checkpoint(
         metrics=metrics,
         storage_key=storage_key,
         sha256=sha256,
+        resumable=resumable,
         created_at=now(),
     )
     session.add(checkpoint)

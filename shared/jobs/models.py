@@ -30,6 +30,8 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The running attempt's lease: its worker renews it; past it, the sweeper requeues the job.
+    lease_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     validation_report: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -68,4 +70,6 @@ class Checkpoint(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     storage_key: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
+    # Carries optimizer, schedule, RNG and data position besides the adapter: a later attempt continues from it.
+    resumable: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[int] = mapped_column(BigInteger)

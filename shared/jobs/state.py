@@ -55,6 +55,8 @@ def transition(
     statement = update(Job).where(Job.id == job_id, Job.status.in_(sources))
     if fenced_attempt is not None:
         statement = statement.where(Job.attempt == fenced_attempt)
+    if target != RUNNING:
+        values.setdefault("lease_expires_at", None)
     if target in TERMINAL:
         values.setdefault("finished_at", timestamp)
         values.setdefault("estimated_finish", None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.training.control import install_pause_handler
+from worker.training.control import die_with_parent, install_pause_handler
 from worker.training.reporter import StdoutJsonReporter
 
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (adapter/, checkpoints/)")
     args = parser.parse_args(argv)
     install_pause_handler()
+    die_with_parent()
     reporter = StdoutJsonReporter()
     from worker.training.config import TrainingConfig
 

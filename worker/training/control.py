@@ -2,7 +2,10 @@
 torch loads), so a pause asked for during model loading is not the signal's default action (terminate): it
 is honoured after the first step."""
 
+import ctypes
+import os
 import signal
+import sys
 import threading
 
 pause_requested = threading.Event()
@@ -10,3 +13,18 @@ pause_requested = threading.Event()
 
 def install_pause_handler() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: pause_requested.set())
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when the worker that started it dies (even by `kill -9`), so a
+    lost worker never leaves an orphan training on its devices. The worker's pid comes in
+    TUNEQUEUE_PARENT_PID: if it is already gone, exit at once."""
+    parent = os.environ.get("TUNEQUEUE_PARENT_PID")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(parent):
+        os._exit(1)

@@ -112,6 +112,7 @@ class TrainingLoop:
         self.initial: dict = {}
         self.epoch, self.batch_index = 1, 0
         self.elapsed_before = 0.0
+        self.last_checkpoint = time.monotonic()
 
     def run(self) -> None:
         if self.valid_set and not self.initial:  # the base model's score, so that "better" has a reference
@@ -129,6 +130,8 @@ class TrainingLoop:
                 self.batch_index = index + 1
                 if self.stopped_early:
                     return
+                if self.checkpoint_due():  # after the data position moved on: a resume starts at the next batch
+                    self.checkpoint()
                 if control.pause_requested.is_set() and not self.finished:
                     self.save_state(self.out / "resume")
                     raise Paused(self.global_step)
@@ -208,8 +211,6 @@ class TrainingLoop:
             self.evaluate_and_track()
         if self.global_step % self.config.log_every_steps == 0 or self.global_step == self.total_steps:
             self.reporter.log(self.global_step, self.last)
-        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and not self.finished:
-            self.checkpoint()
 
     @property
     def finished(self) -> bool:
@@ -253,9 +254,21 @@ class TrainingLoop:
                     f"{patience} evaluation(s) since step {self.best['step']}",
                 )
 
+    def checkpoint_due(self) -> bool:
+        if self.finished:
+            return False
+        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+            return True
+        minutes = self.config.checkpoint_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_checkpoint >= minutes * 60
+
     def checkpoint(self) -> None:
+        """The whole training state (adapter included), so a later attempt can continue from here."""
         path = self.out / "checkpoints" / f"step-{self.global_step}"
-        save_adapter(self.model, path)
+        if path.exists():
+            shutil.rmtree(path)
+        self.save_state(path)
+        self.last_checkpoint = time.monotonic()
         self.reporter.event("checkpoint", step=self.global_step, path=str(path), metrics=self.checkpoint_metrics())
 
     def checkpoint_metrics(self) -> dict:

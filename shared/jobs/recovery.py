@@ -1,0 +1,110 @@
+"""The sweeper: what makes "accepted" mean "will finish". Every worker runs it every `sweep_seconds`; it is
+safe to run in several places at once because each of its writes is a conditional UPDATE.
+
+1. Jobs `running` past their lease (the worker died, froze or lost the database) are requeued for another
+   attempt, which resumes from the newest verified checkpoint; after `max_attempts` they fail `worker_lost`.
+2. Jobs `validating_files` or `queued` with no message for them in the broker (the broker lost it, or the
+   API died between commit and publish) are published again. A duplicate message is harmless: the claim
+   lets exactly one attempt through.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, or_, select, update
+
+from shared.db import after_commit, session_scope
+from shared.ids import now
+from shared.jobs import execution, state
+from shared.jobs.models import Job, JobEvent
+from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish, waiting_messages
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("tunequeue.sweeper")
+
+
+@dataclass
+class SweepReport:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
+
+
+def sweep(settings: Settings | None = None) -> SweepReport:
+    settings = settings or get_settings()
+    report = SweepReport()
+    reap_expired_leases(settings, report)
+    republish_lost_messages(settings, report)
+    return report
+
+
+def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
+    timestamp = now()
+    with session_scope() as session:
+        expired = session.execute(
+            select(Job.id, Job.attempt, Job.worker).where(
+                Job.status == state.RUNNING,
+                or_(
+                    Job.lease_expires_at < timestamp,
+                    # a job claimed before leases existed: its updated_at stands in
+                    and_(Job.lease_expires_at.is_(None), Job.updated_at < timestamp - settings.lease_seconds),
+                ),
+            )
+        ).all()
+    for job_id, attempt, worker in expired:
+        reason = f"Attempt {attempt} lost: worker {worker} stopped renewing its lease"
+        with session_scope() as session:
+            outcome = execution.requeue_job(session, job_id, attempt, reason, max_attempts=settings.max_attempts)
+            if outcome == state.QUEUED:
+                after_commit(session, functools.partial(publish, TRAIN_TASK, job_id))
+        if outcome == state.QUEUED:
+            report.requeued.append(job_id)
+        elif outcome == state.FAILED:
+            report.failed.append(job_id)
+        if outcome:
+            log.warning("%s: %s → %s", job_id, reason, outcome)
+
+
+def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
+    cutoff = now() - settings.republish_after_seconds
+    with session_scope() as session:
+        stale = session.execute(
+            select(Job.id, Job.status, Job.updated_at, Job.cancel_requested).where(
+                Job.status.in_((state.VALIDATING, state.QUEUED)), Job.updated_at < cutoff
+            )
+        ).all()
+    if not stale:
+        return
+    waiting = waiting_messages()
+    if waiting is None:
+        log.warning("this broker cannot be inspected; jobs whose message is lost are not republished")
+        return
+    for job_id, status, updated_at, cancel_requested in stale:
+        if cancel_requested:  # cancelled while its worker died: finish the cancel instead
+            with session_scope() as session:
+                state.transition(session, job_id, state.CANCELLED, expect={status})
+            continue
+        task = VALIDATE_TASK if status == state.VALIDATING else TRAIN_TASK
+        if (task, job_id) in waiting:
+            continue
+        with session_scope() as session:
+            # Only one sweeper wins this row; the others see updated_at moved and leave it.
+            won = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == status, Job.updated_at == updated_at)
+                .values(updated_at=now())
+            ).rowcount  # type: ignore[attr-defined]
+            if not won:
+                continue
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    created_at=now(),
+                    level="warn",
+                    message="No message for this job was waiting in the broker; it was published again",
+                )
+            )
+            after_commit(session, functools.partial(publish, task, job_id))
+        report.republished.append(job_id)
+        log.warning("%s (%s) had no message in the broker; republished", job_id, status)
