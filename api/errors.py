@@ -9,6 +9,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
 from shared.errors import TunequeueError
+from shared.storage import StorageError
 
 log = logging.getLogger("tunequeue.api")
 
@@ -49,4 +50,15 @@ def install(app: FastAPI) -> None:
     async def _database_down(_: Request, exc: OperationalError):
         log.warning("database unavailable: %s", exc)
         body = error_body("The database is unavailable; retry shortly", "server_error", None, "service_unavailable")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError):
+        log.warning("object storage unavailable: %s", exc)
+        body = error_body(
+            "Object storage is unavailable; nothing was saved, retry shortly",
+            "server_error",
+            None,
+            "service_unavailable",
+        )
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

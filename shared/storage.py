@@ -96,14 +96,21 @@ def with_retries(action: Callable[[], T], what: str, tries: int = 5, base_delay:
     raise AssertionError("unreachable")
 
 
-def put_verified(storage: "Storage", key: str, data: bytes, tries: int = 5) -> str:
-    """Upload `data` and read the stored object back: returns its sha256 only once the store holds exactly
-    these bytes. Retried as a whole, so a torn or failed upload is simply written again."""
-    expected = hashlib.sha256(data).hexdigest()
+def put_verified(storage: "Storage", key: str, data: bytes | BinaryIO, tries: int = 5) -> str:
+    """Upload `data` (bytes, or a seekable stream) and read the stored object back: returns its sha256 only
+    once the store holds exactly these bytes. Retried as a whole, so a failed, torn or lost write is simply
+    written again."""
 
     def upload_and_check() -> str:
-        storage.put_bytes(key, data)
-        stored = storage.sha256_of(key)
+        if isinstance(data, bytes):
+            _, expected = storage.put_bytes(key, data)
+        else:
+            data.seek(0)
+            _, expected = storage.put_stream(key, data)
+        try:
+            stored = storage.sha256_of(key)
+        except ObjectNotFound:  # acknowledged but not there: a lost write, so write it again
+            raise StorageError(f"{key}: missing right after a successful upload") from None
         if stored != expected:
             raise StorageError(f"{key}: stored object has sha256 {stored}, expected {expected}")
         return stored
@@ -206,7 +213,7 @@ class S3Storage(Storage):
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
 
     def _key(self, key: str) -> str:

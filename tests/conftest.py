@@ -200,3 +200,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         if "/e2e/" in path:
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.integration.test_chaos import CHAOS_REPORT
+
+    if CHAOS_REPORT:
+        terminalreporter.section("chaos scenarios")
+        for row in CHAOS_REPORT:
+            figures = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("scenario", "result"))
+            terminalreporter.write_line(f"{row['result'].upper():5} {row['scenario']}: {figures}")

@@ -41,7 +41,7 @@ def create_file(
         spool.seek(0)
         file_id = new_id("file")
         key = f"tenants/{tenant}/files/{file_id}/{_safe_name(filename)}"
-        size, sha256 = storage.put_stream(key, spool)  # type: ignore[arg-type]
+        sha256 = put_verified(storage, key, spool)  # type: ignore[arg-type]
     file = File(
         id=file_id,
         tenant=tenant,

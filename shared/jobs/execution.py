@@ -84,7 +84,9 @@ def newest_resumable_checkpoint(session: Session, job_id: str) -> Checkpoint | N
 
 
 def is_current(session: Session, job_id: str, attempt: int) -> bool:
-    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    """Whether `attempt` still owns the job. The row stays locked until this transaction ends, so a reaper's
+    requeue cannot slip in between this check and the write it guards."""
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id).with_for_update()).one_or_none()
     return row is not None and row.status == state.RUNNING and row.attempt == attempt
 
 

