@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--concurrency", type=int, default=1, help="jobs run at once")
     worker.add_argument("--loglevel", default="INFO")
 
+    commands.add_parser(
+        "sweep", help="requeue jobs whose worker's lease expired, republish jobs the broker lost (workers do this)"
+    )
+
     dev = commands.add_parser("dev", help="API + one worker on this machine (embedded defaults unless set)")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8000)
@@ -163,6 +167,15 @@ def _hint_if_no_models() -> None:
             )
 
 
+def run_sweep(args) -> int:
+    from shared.jobs.recovery import sweep
+
+    report = sweep()
+    print(f"requeued: {report.requeued or '-'}\nfailed (worker_lost): {report.failed or '-'}")
+    print(f"republished: {report.republished or '-'}")
+    return 0
+
+
 def run_demo(args) -> int:
     from shared.demo import run
 
@@ -175,6 +188,7 @@ HANDLERS = {
     "serve": run_serve,
     "worker": run_worker,
     "dev": run_dev,
+    "sweep": run_sweep,
     "demo": run_demo,
 }
 

@@ -20,6 +20,9 @@ def test_compose_services_and_dependencies():
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # SIGTERM drains (checkpoint + requeue); the grace period must leave time for it
+    assert services["worker"]["stop_signal"] == "SIGTERM"
+    assert services["worker"]["stop_grace_period"].endswith("m")
 
 
 def test_compose_commands_are_real_cli_commands():
