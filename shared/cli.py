@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,10 @@ def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
         loglevel,
         "-Q",
         get_settings().queue_name,
+        # One node name per process (pid@host, the pid survives the exec): two workers on one machine stay
+        # apart in Celery, in heartbeats and in job leases.
+        "--hostname",
+        f"{os.getpid()}@{socket.gethostname()}",
         "--without-gossip",
         "--without-mingle",
     ]

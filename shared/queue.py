@@ -72,9 +72,12 @@ def waiting_messages() -> set[tuple[str, str]] | None:
         import redis
 
         client = redis.Redis.from_url(url)
-        # kombu keeps one list per priority step: the queue's name, then name + "\x06\x16" + step.
-        keys = [queue] + [k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*")]
-        raw = [entry for key in keys for entry in client.lrange(key, 0, -1)]
+        try:
+            # kombu keeps one list per priority step: the queue's name, then name + "\x06\x16" + step.
+            keys = [queue] + [k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*")]
+            raw = [entry for key in keys for entry in client.lrange(key, 0, -1)]
+        finally:
+            client.close()
     elif url.startswith("sqla+"):
         from sqlalchemy import create_engine, text
 

@@ -64,7 +64,7 @@ def _refuse_unsafe_config(**_):
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_):
     redispatch_pending()
-    hostname = getattr(sender, "hostname", None) or tasks.worker_name()
+    hostname = tasks.worker_name()  # the name its jobs' leases carry
     threading.Thread(target=_heartbeat_loop, args=(hostname,), daemon=True, name="tunequeue-heartbeat").start()
     threading.Thread(target=_sweep_loop, daemon=True, name="tunequeue-sweeper").start()
 

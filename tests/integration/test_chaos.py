@@ -194,6 +194,10 @@ def test_worker_killed_mid_training_finishes_on_another_worker(make_stack, chaos
     )
     running_again = time.monotonic() - killed
     wait_for(lambda: recipe_of(job_id), 60, "attempt 2's recipe")
+    overview = stack.client.get("/admin/overview").json()
+    [running] = overview["running"]
+    assert (running["id"], running["attempt"]) == (job_id, 2) and running["lease_seconds_left"] > 0
+    assert running["worker"] in {w["hostname"] for w in overview["workers"]}
 
     job = stack.wait(job_id, timeout=300)
     assert job["status"] == "succeeded", (job["error"], stack.logs())
