@@ -3,7 +3,7 @@ import logging
 from fastapi import Depends, FastAPI
 
 from api import errors
-from api.deps import require_api_key
+from api.deps import principal, require_admin
 from api.routers import admin, files, health, jobs, models, webhooks
 
 
@@ -14,8 +14,9 @@ def create_app() -> FastAPI:
         description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API.",
     )
     errors.install(app)
-    for router in (files.router, jobs.router, models.router, webhooks.router, admin.router):
-        app.include_router(router, dependencies=[Depends(require_api_key)])
+    for router in (files.router, jobs.router, models.router, webhooks.router):
+        app.include_router(router, dependencies=[Depends(principal)])
+    app.include_router(admin.router, dependencies=[Depends(require_admin)])
     app.include_router(health.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

@@ -1,12 +1,12 @@
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
+from shared.auth.service import Principal, authenticate
 from shared.db import session_scope
-from shared.errors import Unauthenticated
+from shared.errors import PermissionDenied, Unauthenticated
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, get_storage
 
@@ -17,23 +17,41 @@ def _session() -> Iterator[Session]:
         yield session
 
 
-def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
-    """One shared key until per-tenant keys arrive (the security work); none set: open, as in `make demo`."""
-    expected = get_settings().api_key
-    if expected is None:
-        return
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not given or not hmac.compare_digest(given, expected):
-        raise Unauthenticated("Incorrect or missing API key: send `Authorization: Bearer <key>`")
-
-
-def _tenant() -> str:
-    return "default"  # API keys and tenants arrive with the security work; one tenant until then
-
-
 # scope="function": the transaction commits before the response is sent, so a client that polls right
 # after a 200 sees what it created, and a failed commit becomes an error response.
 DbSession = Annotated[Session, Depends(_session, scope="function")]
+
+
+def principal(
+    session: DbSession,
+    authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
+) -> Principal:
+    """Every /v1 and /admin request: the key is looked up on each request, so revoking it takes effect on the
+    next one."""
+    scheme, _, secret = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthenticated(
+            "Missing API key: send `Authorization: Bearer <key>` "
+            "(an admin creates keys with `tunequeue keys create --tenant NAME`)"
+        )
+    found = authenticate(session, secret.strip())
+    if found is None:
+        raise Unauthenticated("Incorrect or revoked API key")
+    return found
+
+
+def require_admin(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not caller.admin:
+        raise PermissionDenied("This route is for admin keys only (`tunequeue keys create --tenant T --admin`)")
+    return caller
+
+
+def _tenant(caller: Annotated[Principal, Depends(principal)]) -> str:
+    return caller.tenant
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(require_admin)]
 Tenant = Annotated[str, Depends(_tenant)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

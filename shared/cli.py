@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--concurrency", type=int, default=1, help="jobs run at once")
     worker.add_argument("--loglevel", default="INFO")
 
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    create_key = keys.add_parser("create", help="create a key; its secret is printed once, on stdout")
+    create_key.add_argument("--tenant", required=True, help="the tenant whose files and jobs the key reaches")
+    create_key.add_argument("--admin", action="store_true", help="may also use /admin (all tenants)")
+    create_key.add_argument("--name", help="a label, e.g. who holds it")
+    list_keys = keys.add_parser("list", help="list keys (never their secrets)")
+    list_keys.add_argument("--tenant")
+    revoke = keys.add_parser("revoke", help="revoke a key; its next request gets 401")
+    revoke.add_argument("key_id")
+
     commands.add_parser(
         "sweep", help="requeue jobs whose worker's lease expired, republish jobs the broker lost (workers do this)"
     )
@@ -52,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return HANDLERS[args.command](args) or 0
+    from shared.errors import TunequeueError
+
+    try:
+        return HANDLERS[args.command](args) or 0
+    except TunequeueError as exc:
+        print(f"tunequeue {args.command}: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def run_db(args) -> int:
@@ -152,6 +168,7 @@ def run_dev(args) -> int:
 
     migrate.upgrade()
     _hint_if_no_models()
+    _first_key()
     worker = subprocess.Popen(worker_command())
     try:
         return run_serve(args)
@@ -170,6 +187,42 @@ def _hint_if_no_models() -> None:
                 "No base model imported yet: run `tunequeue models import-demo` (SmolLM2-135M-Instruct) "
                 "or `tunequeue models import-gguf PATH --name ID` before submitting jobs."
             )
+
+
+def _first_key() -> None:
+    """A fresh install has no key, and every route needs one: make the first (admin, tenant `default`)."""
+    from shared.auth import service
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if service.has_active_keys(session):
+            return
+        _, secret = service.create_key(session, "default", admin=True, name="created by tunequeue dev")
+    print(f"No API key existed; created an admin key for tenant 'default' (shown once):\n\n    {secret}\n")
+
+
+def run_keys(args) -> int:
+    from shared.auth import service
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if args.action == "create":
+            key, secret = service.create_key(session, args.tenant, admin=args.admin, name=args.name)
+            role = "admin" if key.admin else "tenant"
+            print(
+                f"Created {key.id} ({role} key of tenant {key.tenant!r}); store it now, it is not shown again:",
+                file=sys.stderr,
+            )
+            print(secret)
+        elif args.action == "list":
+            for key in service.list_keys(session, args.tenant):
+                state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
+                role = "admin" if key.admin else "tenant"
+                print(f"{key.id}\t{key.tenant}\t{role}\t{key.prefix}…\t{key.name or ''}\t{state}")
+        else:
+            key = service.revoke_key(session, args.key_id)
+            print(f"Revoked {key.id} (tenant {key.tenant!r})")
+    return 0
 
 
 def run_sweep(args) -> int:
@@ -193,6 +246,7 @@ HANDLERS = {
     "serve": run_serve,
     "worker": run_worker,
     "dev": run_dev,
+    "keys": run_keys,
     "sweep": run_sweep,
     "demo": run_demo,
 }

@@ -26,7 +26,7 @@ def run(port: int, epochs: int) -> int:
     base_url = f"http://127.0.0.1:{port}"
     processes = start_services(port)
     try:
-        client = httpx.Client(base_url=base_url, timeout=60)
+        client = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {demo_key()}"})
         wait_ready(client)
         job = submit(client, epochs)
         job = follow(client, job["id"])
@@ -81,6 +81,16 @@ def start_services(port: int) -> list[subprocess.Popen]:
     )
     worker = subprocess.Popen(worker_command(), stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
     return [api, worker]
+
+
+def demo_key() -> str:
+    """The demo makes its own key (tenant `demo`); like every key, only its hash is stored."""
+    from shared.auth.service import create_key
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        _, secret = create_key(session, "demo", name="make demo")
+    return secret
 
 
 def wait_ready(client: httpx.Client, timeout: float = 60) -> None:

@@ -56,3 +56,14 @@ class RateLimited(TunequeueError):
     def __init__(self, message: str, *, retry_after: int, param: str | None = None):
         super().__init__(message, param=param)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class PermissionDenied(TunequeueError):
+    status_code = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class PayloadTooLarge(TunequeueError):
+    status_code = 413
+    code = "payload_too_large"

@@ -1,5 +1,6 @@
 """Every ORM model, imported in one place so that metadata (Alembic, tests) sees all tables."""
 
+from shared.auth.models import ApiKey
 from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
 from shared.files.models import File
@@ -9,6 +10,7 @@ from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
 from shared.workers.models import WorkerHeartbeat
 
 __all__ = [
+    "ApiKey",
     "Base",
     "BaseModelRecord",
     "Checkpoint",

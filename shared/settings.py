@@ -31,8 +31,12 @@ class Settings(BaseSettings):
     republish_after_seconds: float = Field(default=60.0, description="Queued this long with no message: publish")
     max_attempts: int = Field(default=3, description="Attempts per job before it fails with worker_lost")
     storage_retries: int = Field(default=5, description="Tries for each object-storage write or read")
-    api_key: str | None = Field(default=None, description="If set, /v1 and /admin require this bearer key")
     max_active_jobs_per_tenant: int = Field(default=100, description="Unfinished jobs a tenant may have (429)")
+    max_queued_jobs_per_tenant: int = Field(default=50, description="Jobs a tenant may have waiting (429)")
+    max_running_jobs_per_tenant: int = Field(default=8, description="Jobs of one tenant training at once")
+    max_request_bytes: int = Field(default=1024 * 1024, description="Largest request body, uploads aside (413)")
+    max_file_lines: int = Field(default=2_000_000, description="Most lines in an uploaded file")
+    max_line_bytes: int = Field(default=1024 * 1024, description="Longest line in an uploaded file")
     webhook_retry_base_seconds: float = Field(default=2.0, description="First webhook retry delay; doubles")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
 

@@ -73,8 +73,14 @@ class Stack:
         assert result.returncode == 0, f"tunequeue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
+    def create_key(self, tenant: str = "default", admin: bool = False) -> str:
+        args = ["keys", "create", "--tenant", tenant] + (["--admin"] if admin else [])
+        return self.cli(*args).stdout.strip()
+
     def start(self, worker: bool = True) -> "Stack":
         self.logdir.mkdir(parents=True, exist_ok=True)
+        self.key = self.create_key("default", admin=True)  # the stack's own client: tenant `default`, admin
+        self.client.headers["Authorization"] = f"Bearer {self.key}"
         self._spawn(
             "api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
         )

@@ -1,10 +1,20 @@
-from fastapi import APIRouter
-from sqlalchemy import select
+"""Admin routes (admin keys only): the cross-tenant view and actions behind the dashboard, and API keys.
+/v1 stays scoped to the key's own tenant even for admins, so an SDK script never sees other tenants by
+accident; crossing tenants is explicit, here."""
+
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
 
 from api.deps import DbSession
+from shared.auth import service as keys
 from shared.ids import now
+from shared.jobs import service as jobs
 from shared.jobs import state
 from shared.jobs.models import Job
+from shared.jobs.schemas import FineTuningJob, Page
 from shared.jobs.service import counts_by_status, recent_failures
 from shared.queue import queue_depth
 from shared.workers.models import WorkerHeartbeat
@@ -36,6 +46,7 @@ def overview(session: DbSession):
         "running": [
             {
                 "id": j.id,
+                "tenant": j.tenant,
                 "worker": j.worker,
                 "attempt": j.attempt,
                 "lease_seconds_left": j.lease_expires_at - now() if j.lease_expires_at else None,
@@ -45,7 +56,66 @@ def overview(session: DbSession):
             for j in session.scalars(select(Job).where(Job.status == state.RUNNING).order_by(Job.started_at))
         ],
         "recent_failures": [
-            {"id": j.id, "model": j.model, "finished_at": j.finished_at, "error": j.error}
+            {"id": j.id, "tenant": j.tenant, "model": j.model, "finished_at": j.finished_at, "error": j.error}
             for j in recent_failures(session)
         ],
     }
+
+
+@router.get("/tenants")
+def tenants(session: DbSession):
+    """Every tenant with jobs or keys, and its jobs by status."""
+    counts: dict[str, dict[str, int]] = {}
+    for tenant, status, count in session.execute(
+        select(Job.tenant, Job.status, func.count()).group_by(Job.tenant, Job.status)
+    ):
+        counts.setdefault(tenant, {})[status] = count
+    for key in keys.list_keys(session):
+        counts.setdefault(key.tenant, {})
+    return {"object": "list", "data": [{"tenant": t, "jobs_by_status": c} for t, c in sorted(counts.items())]}
+
+
+@router.get("/jobs", response_model=Page)
+def list_all_jobs(
+    session: DbSession,
+    tenant: str | None = None,
+    status: Literal[state.ALL_STATUSES] | None = None,  # type: ignore[valid-type]
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+):
+    selected = jobs.list_jobs(session, tenant, after=after, limit=limit + 1, status=status)
+    data = [{**FineTuningJob.of(j).model_dump(mode="json"), "tenant": j.tenant} for j in selected[:limit]]
+    return Page(
+        data=data,
+        has_more=len(selected) > limit,
+        first_id=data[0]["id"] if data else None,
+        last_id=data[-1]["id"] if data else None,
+    )
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_any_job(session: DbSession, job_id: str):
+    return FineTuningJob.of(jobs.cancel_job(session, None, job_id))
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(min_length=1, max_length=64)
+    admin: bool = False
+    name: str | None = Field(default=None, max_length=128)
+
+
+@router.get("/keys")
+def list_keys(session: DbSession, tenant: str | None = None):
+    return {"object": "list", "data": [keys.describe(k) for k in keys.list_keys(session, tenant)]}
+
+
+@router.post("/keys")
+def create_key(session: DbSession, request: KeyCreate):
+    key, secret = keys.create_key(session, request.tenant, admin=request.admin, name=request.name)
+    return {**keys.describe(key), "secret": secret}  # shown once
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(session: DbSession, key_id: str):
+    return keys.describe(keys.revoke_key(session, key_id))

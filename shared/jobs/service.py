@@ -171,17 +171,29 @@ def throughput_estimate(session: Session, base: BaseModelRecord) -> tuple[float,
     return scaled, "reference run (SmolLM2-135M, NF4 + LoRA, 2 CPU cores) scaled by parameter count"
 
 
-def get_job(session: Session, tenant: str, job_id: str) -> Job:
+def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
+    """The tenant's job, or 404 (also for another tenant's: existence is not revealed). None: any tenant,
+    for admin routes only."""
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.tenant != tenant:
+    if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
     return job
 
 
 def list_jobs(
-    session: Session, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    session: Session,
+    tenant: str | None,
+    *,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str] | None = None,
+    status: str | None = None,
 ) -> list[Job]:
-    query = select(Job).where(Job.tenant == tenant)
+    query = select(Job)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    if status is not None:
+        query = query.where(Job.status == status)
     if after:
         cursor = get_job(session, tenant, after)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
@@ -196,7 +208,7 @@ def list_jobs(
     return selected
 
 
-def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
+def cancel_job(session: Session, tenant: str | None, job_id: str) -> Job:
     """Queued or validating jobs are cancelled at once; a running job is flagged and its worker stops it."""
     job = get_job(session, tenant, job_id)
     if job.status in state.TERMINAL:

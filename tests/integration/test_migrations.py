@@ -15,6 +15,7 @@ TABLES = {
     "jobs",
     "job_events",
     "checkpoints",
+    "api_keys",
     "base_models",
     "workers",
     "webhook_endpoints",

@@ -12,7 +12,6 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from tests.support import chat, write_jsonl
 
-KEY = "sk-tunequeue-test"
 METRIC_KEYS = {
     "step",
     "train_loss",
@@ -26,10 +25,10 @@ METRIC_KEYS = {
 
 @pytest.fixture
 def sdk(production_env, make_stack, tiny_model):
-    env = {**production_env, "TUNEQUEUE_API_KEY": KEY, "TUNEQUEUE_MAX_ACTIVE_JOBS_PER_TENANT": "4"}
+    env = {**production_env, "TUNEQUEUE_MAX_ACTIVE_JOBS_PER_TENANT": "4"}
     stack = make_stack(env, tiny_model)
-    # No retries: the SDK would otherwise retry 409 and 429 on its own.
-    client = OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
+    # A tenant key, as users get; no retries: the SDK would otherwise retry 409 and 429 on its own.
+    client = OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=stack.create_key("default"), max_retries=0)
     client.stack = stack  # type: ignore[attr-defined]
     return client
 
@@ -122,7 +121,7 @@ def test_files_jobs_events_checkpoints_and_models(sdk, tmp_path):
 
 
 def client_get(sdk: OpenAI, path: str):
-    return sdk.stack.client.get(f"/v1{path}", headers={"Authorization": f"Bearer {KEY}"})  # type: ignore[attr-defined]
+    return sdk.stack.client.get(f"/v1{path}")  # type: ignore[attr-defined]
 
 
 def test_pause_and_resume_continue_the_steps(sdk, tmp_path):

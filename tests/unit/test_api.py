@@ -19,8 +19,12 @@ def client(tmp_path, monkeypatch, tiny_model):
     migrate.upgrade()
     cli.register_folder(tiny_model, "tiny-llama", source="test")
     from api.app import create_app
+    from shared.auth.service import create_key
+    from shared.db import session_scope
 
-    with TestClient(create_app()) as client:
+    with session_scope() as session:
+        _, secret = create_key(session, "default", admin=True)
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {secret}"}) as client:
         yield client
 
 

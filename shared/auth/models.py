@@ -1,0 +1,22 @@
+from sqlalchemy import BigInteger, Boolean, Index, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import Base
+
+
+class ApiKey(Base):
+    """An API key, stored only as the sha256 of the secret (the secret is random, 256 bits: a slow hash would
+    add nothing). `prefix` is the secret's first characters, shown in listings so that people can tell keys
+    apart without the key being recoverable."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -1,0 +1,98 @@
+"""API keys: created with their secret shown once, stored as a hash, checked on every request (so a revoked
+key stops working on the very next request), each bound to one tenant, some with the admin role."""
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.auth.models import ApiKey
+from shared.errors import InvalidRequest, NotFound
+from shared.ids import new_id, now
+
+KEY_PREFIX = "tq-"
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key, its tenant (every /v1 query is scoped to it) and whether it is an admin."""
+
+    key_id: str
+    tenant: str
+    admin: bool
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_tenant_name(tenant: str) -> str:
+    if not TENANT_NAME.match(tenant):
+        raise InvalidRequest(
+            f"Invalid tenant name {tenant!r}: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            param="tenant",
+        )
+    return tenant
+
+
+def create_key(session: Session, tenant: str, *, admin: bool = False, name: str | None = None) -> tuple[ApiKey, str]:
+    """Returns the stored key and its secret; the secret is not kept anywhere."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        tenant=check_tenant_name(tenant),
+        name=name,
+        admin=admin,
+        prefix=secret[:10],
+        secret_sha256=hash_secret(secret),
+        created_at=now(),
+    )
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def authenticate(session: Session, secret: str) -> Principal | None:
+    # The lookup is by the hash of what was sent: no stored secret to compare, no timing to leak.
+    key = session.scalars(select(ApiKey).where(ApiKey.secret_sha256 == hash_secret(secret))).first()
+    if key is None or key.revoked_at is not None:
+        return None
+    return Principal(key_id=key.id, tenant=key.tenant, admin=key.admin)
+
+
+def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    return list(session.scalars(query))
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"No such API key: {key_id!r}", param="key_id", code="api_key_not_found")
+    if key.revoked_at is None:
+        key.revoked_at = now()
+        session.flush()
+    return key
+
+
+def has_active_keys(session: Session) -> bool:
+    return session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)).first() is not None
+
+
+def describe(key: ApiKey) -> dict:
+    return {
+        "id": key.id,
+        "object": "api_key",
+        "tenant": key.tenant,
+        "name": key.name,
+        "admin": key.admin,
+        "prefix": key.prefix,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+    }
