@@ -1,7 +1,7 @@
 """tunequeue's own: OpenAI configures webhooks in its console; here a tenant registers endpoints by API."""
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import DbSession, Tenant
 from shared.jobs.schemas import Page
@@ -11,6 +11,7 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
 class EndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # tenant and the secret are the server's to set
     url: str = Field(min_length=8, max_length=2048)
 
 

@@ -1,0 +1,213 @@
+"""Tenant isolation over every route, generated from the app's own route table (a new route is covered, or
+this test fails naming it), the admin role, key revocation, and server-owned fields in request bodies."""
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from shared.ids import new_id, now
+from tests.support import SAMPLE
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch, tiny_model):
+    """Tenant A with one of everything (a file, a validating job, a succeeded job with an adapter, checkpoint
+    and fine-tuned model, a webhook endpoint); tenant B with nothing; an admin of tenant `ops`."""
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    from api.app import create_app
+    from shared import cli, migrate
+    from shared.auth.service import create_key
+    from shared.db import session_scope
+    from shared.jobs.models import Checkpoint, Job
+    from shared.storage import get_storage
+
+    migrate.upgrade()
+    cli.register_folder(tiny_model, "tiny-llama", source="test")
+    with session_scope() as session:
+        key_a, secret_a = create_key(session, "tenant-a")
+        _, secret_b = create_key(session, "tenant-b")
+        _, secret_admin = create_key(session, "ops", admin=True)
+    app = create_app()
+    clients = {
+        name: TestClient(app, headers={"Authorization": f"Bearer {secret}"})
+        for name, secret in (("a", secret_a), ("b", secret_b), ("admin", secret_admin))
+    }
+    a = clients["a"]
+    with open(SAMPLE / "train.jsonl", "rb") as stream:
+        file_id = a.post("/v1/files", files={"file": ("train.jsonl", stream)}, data={"purpose": "fine-tune"}).json()[
+            "id"
+        ]
+    body = {"model": "tiny-llama", "training_file": file_id, "suffix": "a"}
+    job_id = a.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    done_id = a.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    adapter_key = f"tenants/tenant-a/jobs/{done_id}/attempt-1/adapter.zip"
+    get_storage().put_bytes(adapter_key, b"PK-not-really-a-zip")
+    model = f"ft:tiny-llama:a:{done_id}"
+    with session_scope() as session:
+        job = session.get(Job, done_id)
+        job.status, job.attempt, job.fine_tuned_model, job.finished_at = "succeeded", 1, model, now()
+        job.adapter_key, job.adapter_sha256 = adapter_key, "0" * 64
+        session.add(
+            Checkpoint(
+                id=new_id("ftckpt"), job_id=done_id, attempt=1, step=5, metrics={}, storage_key=adapter_key,
+                sha256="0" * 64, created_at=now(),
+            )
+        )  # fmt: skip
+    endpoint_id = a.post("/v1/webhooks", json={"url": "https://hooks.example.com/a"}).json()["id"]
+    ids = {
+        "file_id": file_id,
+        "job_id": done_id,
+        "model_id": model,
+        "endpoint_id": endpoint_id,
+        "key_id": key_a.id,
+    }
+    yield clients, ids, job_id, app
+    for client in clients.values():
+        client.close()
+
+
+# How tenant B tries each creating route against tenant A's objects, and what it must get.
+CREATE_AS_B = {
+    ("POST", "/v1/files"): (
+        lambda ids: {
+            "files": {"file": ("x.jsonl", (SAMPLE / "train.jsonl").read_bytes())},
+            "data": {"purpose": "fine-tune"},
+        },
+        200,  # B's own file: nothing of A's involved
+    ),
+    ("POST", "/v1/fine_tuning/jobs"): (
+        lambda ids: {"json": {"model": "tiny-llama", "training_file": ids["file_id"]}},
+        404,
+    ),
+    ("POST", "/v1/webhooks"): (lambda ids: {"json": {"url": "https://hooks.example.com/b"}}, 200),
+}
+
+
+def walk(routes):
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):  # FastAPI keeps included routers nested
+            yield from walk(route.original_router.routes)
+
+
+def api_routes(app):
+    routes = [r for r in walk(app.routes) if r.path not in ("/healthz", "/readyz")]
+    documented = {p for p in app.openapi()["paths"] if p not in ("/healthz", "/readyz")}
+    assert {r.path.replace(":path", "") for r in routes} == documented  # the walk found every route
+    for route in routes:
+        for method in sorted(route.methods):
+            yield method, route.path, route.param_convertors
+
+
+def fill(path: str, convertors: dict, ids: dict) -> str:
+    for name in convertors:
+        assert name in ids, f"route {path} has path parameter {name!r}: teach test_security which object to use"
+        path = path.replace(f"{{{name}:path}}", ids[name]).replace(f"{{{name}}}", ids[name])
+    return path
+
+
+def test_every_route_hides_tenant_a_from_tenant_b(world):
+    clients, ids, validating_job, app = world
+    a, b = clients["a"], clients["b"]
+    secrets = set(ids.values()) | {validating_job}
+    covered = 0
+    for method, template, convertors in api_routes(app):
+        path = fill(template, convertors, ids)
+        if template.startswith("/admin"):
+            for tenant_client in (a, b):
+                response = tenant_client.request(method, path, json={} if method == "POST" else None)
+                assert response.status_code == 403, (method, template, response.text)
+                assert response.json()["error"]["code"] == "permission_denied"
+        elif convertors:
+            response = b.request(method, path)
+            assert response.status_code == 404, (method, template, response.status_code, response.text)
+            assert not secrets & set(response.text.split('"')) - {path.rsplit("/", 1)[-1], ids["model_id"]}
+            if method == "GET":  # the control: the same request works for the owner
+                assert a.request(method, path).status_code == 200, (template, a.request(method, path).text)
+        elif method == "GET":
+            response = b.get(path)
+            assert response.status_code == 200, (template, response.text)
+            leaked = [s for s in secrets if s in response.text]
+            assert not leaked, f"{template} shows tenant A's {leaked} to tenant B"
+        else:
+            assert (method, template) in CREATE_AS_B, f"{method} {template}: add it to CREATE_AS_B"
+            make, expected = CREATE_AS_B[(method, template)]
+            response = b.request(method, path, **make(ids))
+            assert response.status_code == expected, (template, response.text)
+        covered += 1
+    assert covered >= 20
+
+    # Cursors and filters that name A's objects are 404s too, not a different page.
+    assert b.get("/v1/fine_tuning/jobs", params={"after": validating_job}).status_code == 404
+    assert b.get("/v1/files", params={"after": ids["file_id"]}).status_code == 404
+    # A still has everything B tried to cancel, pause, delete or revoke.
+    assert a.get(f"/v1/files/{ids['file_id']}").status_code == 200
+    assert a.get(f"/v1/fine_tuning/jobs/{validating_job}").json()["status"] == "validating_files"
+    assert a.get(f"/v1/models/{ids['model_id']}").status_code == 200
+    assert [e["id"] for e in a.get("/v1/webhooks").json()["data"]] == [ids["endpoint_id"]]
+    assert a.get("/v1/fine_tuning/jobs").status_code == 200  # A's key was not revoked
+
+
+def test_server_owned_fields_are_refused_or_ignored(world):
+    clients, ids, _, _ = world
+    b = clients["b"]
+    with open(SAMPLE / "train.jsonl", "rb") as stream:
+        own = b.post(
+            "/v1/files", files={"file": ("t.jsonl", stream)}, data={"purpose": "fine-tune", "tenant": "tenant-a"}
+        ).json()["id"]
+    assert b.get(f"/v1/files/{own}").status_code == 200 and clients["a"].get(f"/v1/files/{own}").status_code == 404
+    for field, value in (("tenant", "tenant-a"), ("status", "succeeded"), ("attempt", 7), ("fine_tuned_model", "x")):
+        response = b.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": own, field: value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    response = b.post("/v1/webhooks", json={"url": "https://hooks.example.com/b", "tenant": "tenant-a"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tenant"
+    # A training file of B's with a validation file of A's: still A's file is not found
+    response = b.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": own, "validation_file": ids["file_id"]}
+    )
+    assert response.status_code == 404 and response.json()["error"]["param"] == "validation_file"
+
+
+def test_admin_sees_and_acts_across_tenants_and_revocation_is_immediate(world):
+    clients, ids, validating_job, _ = world
+    admin, a = clients["admin"], clients["a"]
+    listed = admin.get("/admin/jobs").json()["data"]
+    assert {(j["id"], j["tenant"]) for j in listed} >= {(validating_job, "tenant-a"), (ids["job_id"], "tenant-a")}
+    assert admin.get("/admin/jobs", params={"tenant": "tenant-b"}).json()["data"] == []
+    assert admin.get("/v1/fine_tuning/jobs").json()["data"] == []  # /v1 stays scoped to the admin's own tenant
+    tenants = {t["tenant"] for t in admin.get("/admin/tenants").json()["data"]}
+    assert {"tenant-a", "tenant-b", "ops"} <= tenants
+
+    assert admin.post(f"/admin/jobs/{validating_job}/cancel").json()["status"] == "cancelled"
+    created = admin.post("/admin/keys", json={"tenant": "tenant-c", "name": "ci"}).json()
+    assert created["secret"].startswith("tq-") and created["tenant"] == "tenant-c" and not created["admin"]
+    listing = admin.get("/admin/keys").json()["data"]
+    assert all("secret" not in k for k in listing) and created["id"] in {k["id"] for k in listing}
+    assert created["secret"] not in admin.get("/admin/keys").text
+
+    assert a.get("/v1/files").status_code == 200
+    revoked = admin.delete(f"/admin/keys/{ids['key_id']}").json()
+    assert revoked["revoked_at"] is not None
+    response = a.get("/v1/files")  # the very next request
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer tq-not-a-key", "tq-no-scheme"],
+)
+def test_missing_or_bad_keys_get_401_everywhere_but_health(world, header):
+    _, _, _, app = world
+    client = TestClient(app)
+    headers = {"Authorization": header} if header is not None else {}
+    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models", "/v1/webhooks", "/admin/overview"):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 401, (path, header, response.text)
+        assert (
+            "Authorization: Bearer" in response.json()["error"]["message"]
+            or "revoked" in response.json()["error"]["message"]
+        )
+    assert client.get("/healthz").status_code == 200
