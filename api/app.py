@@ -4,6 +4,7 @@ from fastapi import Depends, FastAPI
 
 from api import errors
 from api.deps import principal, require_admin
+from api.limits import BodyLimit
 from api.routers import admin, files, health, jobs, models, webhooks
 
 
@@ -14,6 +15,7 @@ def create_app() -> FastAPI:
         description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API.",
     )
     errors.install(app)
+    app.add_middleware(BodyLimit)
     for router in (files.router, jobs.router, models.router, webhooks.router):
         app.include_router(router, dependencies=[Depends(principal)])
     app.include_router(admin.router, dependencies=[Depends(require_admin)])

@@ -5,7 +5,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
 from shared.errors import TunequeueError
@@ -41,7 +41,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException):
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 413: "payload_too_large", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(
             error_body(str(exc.detail), "invalid_request_error", None, code), status_code=exc.status_code
         )
@@ -62,3 +62,10 @@ def install(app: FastAPI) -> None:
             "service_unavailable",
         )
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_: Request, exc: DataError):
+        # e.g. a NUL character, which Postgres text cannot hold: the request's fault, and nothing was written
+        log.info("refused a value the database cannot store: %s", exc.orig)
+        message = f"A value in the request cannot be stored: {str(exc.orig).splitlines()[0]}"
+        return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_value"), status_code=400)

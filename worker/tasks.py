@@ -77,7 +77,9 @@ def train(job_id: str) -> None:
     job's own, or requeued for another attempt when the cause was not (bounded by TUNEQUEUE_MAX_ATTEMPTS)."""
     settings = get_settings()
     with session_scope() as session:
-        attempt = execution.claim_job(session, job_id, worker_name(), settings.lease_seconds)
+        attempt = execution.claim_job(
+            session, job_id, worker_name(), settings.lease_seconds, settings.max_running_jobs_per_tenant
+        )
     if attempt is None:
         log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
         return

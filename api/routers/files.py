@@ -32,6 +32,8 @@ def create_file(
             filename=file.filename or "upload.jsonl",
             purpose=purpose,
             max_bytes=settings.max_upload_bytes,
+            max_lines=settings.max_file_lines,
+            max_line_bytes=settings.max_line_bytes,
         )
         return FileObject.of(created).model_dump(mode="json")
 

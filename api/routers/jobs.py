@@ -27,7 +27,9 @@ def create_job(
         return service.dry_run(session, storage, settings, tenant, request)
 
     def create() -> dict:
-        job = service.create_job(session, tenant, request, settings.max_active_jobs_per_tenant)
+        job = service.create_job(
+            session, tenant, request, settings.max_active_jobs_per_tenant, settings.max_queued_jobs_per_tenant
+        )
         return FineTuningJob.of(job).model_dump(mode="json")
 
     fingerprint = request_fingerprint(request.model_dump(mode="json"))

@@ -67,20 +67,31 @@ class ValidationReport:
         }
 
 
-def validate_jsonl(data: bytes, *, min_examples: int = 0, keep_records: bool = False) -> ValidationReport:
+def validate_jsonl(
+    data: bytes,
+    *,
+    min_examples: int = 0,
+    keep_records: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_lines: int | None = None,
+) -> ValidationReport:
     report = ValidationReport()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
         report.warn(1, "a UTF-8 byte order mark was ignored")
     if b"\r\n" in data:
         report.warn(1, "Windows (CRLF) line ends were read as plain line ends")
+    last_line = data.count(b"\n") + 1
+    if max_lines is not None and last_line - data.endswith(b"\n") > max_lines:
+        report.error(max_lines + 1, f"the file has more than {max_lines:,} lines (TUNEQUEUE_MAX_FILE_LINES); split it")
+        return report
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
-            if number < data.count(b"\n") + 1:
+            if number < last_line:
                 report.warn(number, "blank line skipped")
             continue
-        record = _parse_line(report, number, raw)
+        record = _parse_line(report, number, raw, max_line_bytes)
         if record is None:
             continue
         kind = _check_record(report, number, record)
@@ -101,9 +112,13 @@ def validate_jsonl(data: bytes, *, min_examples: int = 0, keep_records: bool = F
     return report
 
 
-def _parse_line(report: ValidationReport, number: int, raw: bytes) -> dict | None:
-    if len(raw) > MAX_LINE_BYTES:
-        report.error(number, f"is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit for one example")
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_line(report: ValidationReport, number: int, raw: bytes, max_line_bytes: int = MAX_LINE_BYTES) -> dict | None:
+    if len(raw) > max_line_bytes:
+        report.error(number, f"is {len(raw):,} bytes, over the {max_line_bytes:,}-byte limit for one example")
         return None
     try:
         text = raw.decode("utf-8")
@@ -111,12 +126,15 @@ def _parse_line(report: ValidationReport, number: int, raw: bytes) -> dict | Non
         report.error(number, f"is not valid UTF-8 (byte {exc.start + 1})")
         return None
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_constant=_no_constants)  # NaN and Infinity are not JSON
     except RecursionError:
         report.error(number, "is nested too deeply to be an example")
         return None
     except json.JSONDecodeError as exc:
         report.error(number, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+        return None
+    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
+        report.error(number, f"is not valid JSON ({str(exc).split(';')[0]})")
         return None
     if not isinstance(record, dict):
         report.error(number, 'must be a JSON object such as {"messages": [...]}')

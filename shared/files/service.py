@@ -8,7 +8,7 @@ from typing import BinaryIO
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.datasets.validation import validate_jsonl
+from shared.datasets.validation import MAX_LINE_BYTES, validate_jsonl
 from shared.files.errors import FileNotFound, FileTooLarge, InvalidFile
 from shared.files.models import File
 from shared.ids import new_id, now
@@ -27,6 +27,8 @@ def create_file(
     filename: str,
     purpose: str,
     max_bytes: int,
+    max_lines: int | None = None,
+    max_line_bytes: int | None = None,
 ) -> File:
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidFile(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, got {purpose!r}", param="purpose")
@@ -35,7 +37,7 @@ def create_file(
         if size == 0:
             raise InvalidFile("the uploaded file is empty", param="file")
         spool.seek(0)
-        report = validate_jsonl(spool.read())
+        report = validate_jsonl(spool.read(), max_lines=max_lines, max_line_bytes=max_line_bytes or MAX_LINE_BYTES)
         if not report.ok:
             raise InvalidFile(f"{filename}: {report.summary()}", param="file")
         spool.seek(0)
@@ -45,7 +47,7 @@ def create_file(
     file = File(
         id=file_id,
         tenant=tenant,
-        filename=filename,
+        filename=clean_filename(filename),
         purpose=purpose,
         bytes=size,
         sha256=sha256,
@@ -90,6 +92,13 @@ def _copy_limited(source: BinaryIO, target: BinaryIO, max_bytes: int) -> int:
             raise FileTooLarge(f"the file is larger than the {max_bytes}-byte limit", param="file")
         target.write(chunk)
     return size
+
+
+def clean_filename(filename: str) -> str:
+    """What is shown and stored as the file's name: no control characters (a NUL cannot even be stored),
+    no folders, at most 255 characters. Storage keys use `_safe_name` besides."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", filename).replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name[:255] or "upload.jsonl"
 
 
 def _safe_name(filename: str) -> str:

@@ -3,7 +3,7 @@ a worker whose attempt is stale (the job was re-claimed or finished) changes not
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.ids import new_id, now
@@ -11,11 +11,20 @@ from shared.jobs import state
 from shared.jobs.models import Checkpoint, Job, JobEvent
 
 
-def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float = 60) -> int | None:
+def claim_job(
+    session: Session, job_id: str, worker: str, lease_seconds: float = 60, max_running: int | None = None
+) -> int | None:
     """queued → running with attempt+1 and a fresh lease; returns the new attempt, or None if another worker
-    has the job (or it was cancelled meanwhile)."""
+    has the job, it was cancelled meanwhile, or its tenant already has `max_running` jobs running (then it
+    stays queued and the sweeper offers it again)."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.status != state.QUEUED or job.cancel_requested:
+        return None
+    if max_running is not None and tenant_at_running_limit(session, job.tenant, max_running):
+        if not session.scalar(
+            select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.type == "waiting").limit(1)
+        ):
+            add_waiting_event(session, job_id, max_running)
         return None
     attempt = job.attempt + 1
     won = state.transition(
@@ -31,6 +40,27 @@ def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float =
         lease_expires_at=now() + int(lease_seconds),
     )
     return attempt if won else None
+
+
+def tenant_at_running_limit(session: Session, tenant: str, max_running: int) -> bool:
+    if session.get_bind().dialect.name == "postgresql":
+        # Claims of one tenant's jobs take turns here, so that two workers cannot both see one slot left.
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": f"running:{tenant}"})
+    running = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status == state.RUNNING))
+    return (running or 0) >= max_running
+
+
+def add_waiting_event(session: Session, job_id: str, max_running: int) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            created_at=now(),
+            type="waiting",
+            message=f"Waiting: this tenant already has {max_running} jobs running "
+            "(TUNEQUEUE_MAX_RUNNING_JOBS_PER_TENANT); the job starts when one finishes",
+        )
+    )
+    session.flush()
 
 
 def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: float) -> bool:

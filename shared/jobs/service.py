@@ -65,17 +65,34 @@ def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict
     }
 
 
-def create_job(session: Session, tenant: str, request: JobCreate, max_active: int = 100) -> Job:
+def create_job(
+    session: Session, tenant: str, request: JobCreate, max_active: int = 100, max_queued: int | None = None
+) -> Job:
     base = get_base_model(session, request.model)
     check_target_modules(base, request.lora_target_modules)
     training = training_file(session, tenant, request.training_file, "training_file")
     if request.validation_file:
         training_file(session, tenant, request.validation_file, "validation_file")
-    active = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status.in_(state.ACTIVE)))
-    if (active or 0) >= max_active:
+    by_status = dict(
+        session.execute(
+            select(Job.status, func.count())
+            .where(Job.tenant == tenant, Job.status.in_(state.ACTIVE))
+            .group_by(Job.status)
+        ).all()
+    )
+    active = sum(by_status.values())
+    if active >= max_active:
         raise RateLimited(
-            f"{active} of your jobs are unfinished, the limit is {max_active}; retry when some have finished",
+            f"{active} of your jobs are unfinished, the limit is {max_active} (TUNEQUEUE_MAX_ACTIVE_JOBS_PER_TENANT); "
+            "retry when some have finished",
             retry_after=60,
+        )
+    waiting = by_status.get(state.VALIDATING, 0) + by_status.get(state.QUEUED, 0)
+    if max_queued is not None and waiting >= max_queued:
+        raise RateLimited(
+            f"{waiting} of your jobs are waiting to run, the limit is {max_queued} "
+            "(TUNEQUEUE_MAX_QUEUED_JOBS_PER_TENANT); retry when some have started",
+            retry_after=30,
         )
     timestamp = now()
     job = Job(
