@@ -53,8 +53,8 @@ class ValidationReport:
 
     def summary(self) -> str:
         shown = "; ".join(str(error) for error in self.errors[:5])
-        more = f" (and {self.error_count - 5} more)" if self.error_count > 5 else ""
-        return f"{self.error_count} problem(s): {shown}{more}"
+        more = f" (and {self.error_count - 5:,} more)" if self.error_count > 5 else ""
+        return f"{self.error_count:,} problem(s): {shown}{more}"
 
     def to_dict(self) -> dict:
         return {

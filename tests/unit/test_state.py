@@ -142,3 +142,19 @@ def test_newest_resumable_checkpoint_ignores_adapter_only_ones(session):
             resumable=resumable,
         )
     assert execution.newest_resumable_checkpoint(session, job_id).step == 10
+
+
+def test_claim_waits_while_the_tenant_is_at_its_running_limit(session):
+    first = add_job(session)
+    second = Job(**{c.name: getattr(session.get(Job, first), c.name) for c in Job.__table__.columns})
+    second.id = "ftjob-2"
+    session.add(second)
+    session.flush()
+    assert execution.claim_job(session, first, "w", max_running=1) == 1
+    assert execution.claim_job(session, "ftjob-2", "w", max_running=1) is None
+    assert execution.claim_job(session, "ftjob-2", "w", max_running=1) is None
+    assert status(session, "ftjob-2") == state.QUEUED
+    waiting = [e for e in session.query(JobEvent).filter_by(job_id="ftjob-2") if e.type == "waiting"]
+    assert len(waiting) == 1 and "TUNEQUEUE_MAX_RUNNING_JOBS_PER_TENANT" in waiting[0].message  # said once
+    assert execution.succeed_job(session, first, 1)
+    assert execution.claim_job(session, "ftjob-2", "w", max_running=1) == 1
