@@ -13,6 +13,9 @@ def create_app() -> FastAPI:
         title="tunequeue",
         version="0.1.0",
         description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API.",
+        # Any route may answer these: a bad request, a missing key, an unknown id, a body over its limit, or the
+        # database or storage being away. Routers add their own (403, 409, 422, 429).
+        responses=errors.declare(400, 401, 404, 413, 503),
     )
     errors.install(app)
     app.add_middleware(BodyLimit)

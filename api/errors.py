@@ -1,17 +1,68 @@
 """One place renders every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
 import logging
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from shared.errors import TunequeueError
 from shared.storage import StorageError
 
 log = logging.getLogger("tunequeue.api")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+def declare(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses (all rendered by this module, all ErrorResponse)."""
+    descriptions = {
+        400: "Invalid request: the message names the field or line",
+        401: "Missing, incorrect or revoked API key",
+        403: "The key lacks the role this route needs",
+        404: "No such object for this key's tenant",
+        409: "Conflict with the object's state, or an Idempotency-Key reused with another body",
+        413: "Request body or file over its limit",
+        422: "Understood but unusable (e.g. a file whose purpose is not fine-tune)",
+        429: "A per-tenant limit was reached; see Retry-After",
+        503: "The database or object storage is unavailable; see Retry-After",
+    }
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
+
+
+def api_routes(routes) -> Iterator[APIRoute]:
+    """Every route of the app, through FastAPI's nested included routers."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from api_routes(route.original_router.routes)
+
+
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in api_routes(request.app.routes):
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match != Match.NONE:
+            methods |= route.methods or set()
+    return methods
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -40,10 +91,15 @@ def install(app: FastAPI) -> None:
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
+    async def _http(request: Request, exc: HTTPException):
         code = {404: "not_found", 413: "payload_too_large", 405: "method_not_allowed"}.get(exc.status_code)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method the path has, not only those of the first route matched
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         return JSONResponse(
-            error_body(str(exc.detail), "invalid_request_error", None, code), status_code=exc.status_code
+            error_body(str(exc.detail), "invalid_request_error", None, code),
+            status_code=exc.status_code,
+            headers=headers or None,
         )
 
     @app.exception_handler(OperationalError)

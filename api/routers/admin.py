@@ -5,10 +5,11 @@ accident; crossing tenants is explicit, here."""
 from typing import Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import func, select
 
 from api.deps import DbSession
+from api.errors import declare
 from shared.auth import service as keys
 from shared.ids import now
 from shared.jobs import service as jobs
@@ -19,7 +20,7 @@ from shared.jobs.service import counts_by_status, recent_failures
 from shared.queue import queue_depth
 from shared.workers.models import WorkerHeartbeat
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses=declare(403, 409))
 
 
 @router.get("/overview")
@@ -98,24 +99,44 @@ def cancel_any_job(session: DbSession, job_id: str):
     return FineTuningJob.of(jobs.cancel_job(session, None, job_id))
 
 
+class KeyObject(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    tenant: str
+    name: str | None
+    admin: bool
+    prefix: str = Field(description="The secret's first characters, to tell keys apart")
+    created_at: int
+    revoked_at: int | None
+
+
+class CreatedKey(KeyObject):
+    secret: str = Field(description="Shown once, here; only its hash is stored")
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KeyObject]
+
+
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tenant: str = Field(min_length=1, max_length=64)
-    admin: bool = False
-    name: str | None = Field(default=None, max_length=128)
+    tenant: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["acme"])
+    admin: StrictBool = False
+    name: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
-@router.get("/keys")
+@router.get("/keys", response_model=KeyList)
 def list_keys(session: DbSession, tenant: str | None = None):
     return {"object": "list", "data": [keys.describe(k) for k in keys.list_keys(session, tenant)]}
 
 
-@router.post("/keys")
+@router.post("/keys", response_model=CreatedKey)
 def create_key(session: DbSession, request: KeyCreate):
     key, secret = keys.create_key(session, request.tenant, admin=request.admin, name=request.name)
     return {**keys.describe(key), "secret": secret}  # shown once
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", response_model=KeyObject)
 def revoke_key(session: DbSession, key_id: str):
     return keys.describe(keys.revoke_key(session, key_id))

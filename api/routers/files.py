@@ -5,12 +5,13 @@ from fastapi import APIRouter, Form, Header, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
+from api.errors import declare
 from shared.files import service
 from shared.files.schemas import FileDeleted, FileObject
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs.schemas import Page
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=declare(409))
 
 
 @router.post("", response_model=FileObject)
@@ -20,7 +21,7 @@ def create_file(
     settings: SettingsDep,
     tenant: Tenant,
     file: UploadFile,
-    purpose: str = Form(...),
+    purpose: Literal["fine-tune"] = Form(..., description="Only `fine-tune` files are accepted"),
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
     def create() -> dict:

@@ -5,13 +5,14 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
+from api.errors import declare
 from shared.errors import InvalidRequest, NotFound
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service, state
 from shared.jobs.errors import AdapterNotReady
 from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject, Page
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=declare(409, 422, 429))
 
 
 @router.post("", response_model=FineTuningJob | DryRun)

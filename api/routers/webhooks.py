@@ -1,5 +1,7 @@
 """tunequeue's own: OpenAI configures webhooks in its console; here a tenant registers endpoints by API."""
 
+from typing import Literal
+
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,7 +14,24 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")  # tenant and the secret are the server's to set
-    url: str = Field(min_length=8, max_length=2048)
+    url: str = Field(
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*$",
+        examples=["https://example.com/hooks/tunequeue"],
+    )
+
+
+class EndpointObject(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    created_at: int
+    enabled: bool
+
+
+class CreatedEndpoint(EndpointObject):
+    secret: str = Field(description="Shown once: verify deliveries' signatures with it")
 
 
 def _endpoint(endpoint, secret: bool = False) -> dict:
@@ -28,7 +47,7 @@ def _endpoint(endpoint, secret: bool = False) -> dict:
     return body
 
 
-@router.post("")
+@router.post("", response_model=CreatedEndpoint)
 def create_endpoint(session: DbSession, tenant: Tenant, request: EndpointCreate):
     return _endpoint(service.create_endpoint(session, tenant, request.url), secret=True)
 

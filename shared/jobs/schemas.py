@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared.jobs.models import Checkpoint, Job, JobEvent
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+ModuleName = Annotated[str, Field(min_length=1, max_length=128)]
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters (Postgres text cannot even hold a NUL)
+MetadataKey = Annotated[str, Field(max_length=64, pattern=PRINTABLE)]
+MetadataValue = Annotated[str, Field(max_length=512, pattern=PRINTABLE)]
 
 
 class Hyperparameters(BaseModel):
@@ -75,7 +79,7 @@ class JobCreate(BaseModel):
     validation_file: str | None = None
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of `method`
     method: Method | None = None
     integrations: list[Any] | None = None
@@ -83,8 +87,8 @@ class JobCreate(BaseModel):
     lora_r: int = Field(default=16, ge=1, le=1024)
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora_target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=256)] | Literal["all-linear"] = (
+        Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     )
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
@@ -92,13 +96,6 @@ class JobCreate(BaseModel):
     train_on_inputs: bool = False
     adapter_selection: Literal["best", "last"] = "best"
     dry_run: bool = Field(default=False, description="validate and estimate; create no job")
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value):
-        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
-            raise ValueError("at most 16 keys, keys up to 64 and values up to 512 characters")
-        return value
 
     @field_validator("lora_target_modules")
     @classmethod

@@ -1,0 +1,103 @@
+"""schemathesis against the app's own /openapi.json, with a real key, on Postgres + Redis + S3 (moto): every
+default check (no server errors, declared status codes and content types, responses that match their
+schema, schema-violating requests refused, schema-conforming ones accepted, ...) and the stateful phase
+over the links schemathesis infers (create a file → read it, create a job → read, cancel, list its events)."""
+
+import re
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
+
+from shared import db, queue, storage
+from shared import settings as tq_settings
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+from api.app import create_app  # noqa: E402
+
+app = create_app()  # settings are read per request, so the fixture below decides where requests go
+schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+@pytest.fixture
+def key_headers(production_env, monkeypatch, tiny_model):
+    """A fresh Postgres database with the tiny model, one uploaded file, and a tenant key."""
+    for key, value in production_env.items():
+        monkeypatch.setenv(key, value)
+    for cached in (tq_settings.get_settings, db.get_engine, db.get_sessionmaker, storage.get_storage, queue.get_celery):
+        cached.cache_clear()
+    from shared import cli, migrate
+    from shared.auth.service import create_key
+    from shared.db import session_scope
+    from tests.support import SAMPLE
+
+    migrate.upgrade()
+    cli.register_folder(tiny_model, "tiny-llama", source="test")
+    with session_scope() as session:
+        _, secret = create_key(session, "fuzz", admin=True)  # reaches every route, /admin included
+    headers = {"Authorization": f"Bearer {secret}"}
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, headers=headers) as client, open(SAMPLE / "train.jsonl", "rb") as stream:
+        # one real file so that generated job bodies can name something that exists
+        client.post("/v1/files", files={"file": ("train.jsonl", stream)}, data={"purpose": "fine-tune"})
+    return headers
+
+
+@schema.parametrize()
+@FAST
+def test_api_conforms_to_its_schema(case, key_headers):
+    excluded = []
+    if case.method == "POST" and case.operation.path == "/v1/files":
+        # An uploaded file is "any bytes" to the schema, but only JSONL examples are accepted: neither "any bytes
+        # must be accepted" nor "non-bytes must be refused" applies to the file part.
+        excluded = [negative_data_rejection, positive_data_acceptance]
+    elif case.method == "POST" and case.operation.path == "/v1/fine_tuning/jobs":
+        # Which base models exist and which modules they have is data, not schema: a well-formed body naming a
+        # model that is not imported gets OpenAI's 400 model_not_available. Malformed bodies are still checked.
+        excluded = [positive_data_acceptance]
+    response = case.call_and_validate(headers=key_headers, excluded_checks=excluded)
+    assert response.status_code != 401, response.text  # the key really is sent
+
+
+CURRENT: dict[str, dict] = {}
+
+
+@pytest.fixture
+def stateful_headers(key_headers):
+    CURRENT["headers"], CURRENT["calls"] = key_headers, []
+    yield
+    calls = CURRENT["calls"]
+    CURRENT.clear()
+    # the workflow really chained requests: ids created by one call were used by later ones
+    real_id = re.compile(r"/(key|file|ftjob|wh)-[0-9a-f]{24}")
+    chained = [(m, p) for m, p, status in calls if real_id.search(p) and status < 400]
+    assert chained, calls[:60]
+    print(f"\nstateful: {len(calls)} calls, {len(chained)} on objects created earlier in the sequence")
+
+
+
+class APIWorkflow(schema.as_state_machine()):  # type: ignore[misc]
+    """Sequences through the links schemathesis infers from the spec (an id a response returns, used by the
+    next request): e.g. create a file → retrieve/delete it; create a job → retrieve, cancel, events."""
+
+    def get_call_kwargs(self, case):
+        return {"headers": CURRENT["headers"]}
+
+    def validate_response(self, response, case, **kwargs):
+        CURRENT["calls"].append((case.method, case.formatted_path, response.status_code))
+        excluded = []
+        if case.method == "POST" and case.operation.path in ("/v1/files", "/v1/fine_tuning/jobs"):
+            excluded = [negative_data_rejection, positive_data_acceptance]  # see the test above
+        case.validate_response(response, excluded_checks=excluded)
+
+
+APIWorkflow.TestCase.settings = settings(FAST, max_examples=40, stateful_step_count=8)
+
+
+@pytest.mark.usefixtures("stateful_headers")
+class TestAPIWorkflow(APIWorkflow.TestCase):
+    pass
