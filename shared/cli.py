@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except TunequeueError as exc:
         print(f"tunequeue {args.command}: {exc.message}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a model folder that is refused, with the reason
+        print(f"tunequeue {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_db(args) -> int:

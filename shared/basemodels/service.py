@@ -60,6 +60,21 @@ def register_base_model(
     return record
 
 
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_unsafe_folder(folder: Path, config: dict) -> None:
+    """Base models are safetensors and data files only: loading one must never run code, so pickled weights,
+    Python files and configs that ask for remote code are refused."""
+    unsafe = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED or p.suffix == ".py")
+    if unsafe:
+        raise ValueError(f"{folder}: refusing {', '.join(unsafe)}: only safetensors weights, no pickles or code")
+    if "auto_map" in config or any(
+        "auto_map" in json.loads(p.read_text()) for p in folder.glob("tokenizer_config.json")
+    ):
+        raise ValueError(f"{folder}: its config asks for custom code (auto_map); only built-in architectures load")
+
+
 def describe_folder(folder: Path) -> dict:
     """Architecture and parameter count of a Hugging Face model folder, read from config.json and the
     safetensors headers (no torch needed)."""
@@ -68,6 +83,7 @@ def describe_folder(folder: Path) -> dict:
     if not config_path.is_file() or not weights:
         raise FileNotFoundError(f"{folder} needs config.json and *.safetensors (a Hugging Face model folder)")
     config = json.loads(config_path.read_text())
+    refuse_unsafe_folder(folder, config)
     parameters = 0
     linear = set()
     for path in weights:

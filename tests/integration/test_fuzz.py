@@ -79,7 +79,6 @@ def stateful_headers(key_headers):
     print(f"\nstateful: {len(calls)} calls, {len(chained)} on objects created earlier in the sequence")
 
 
-
 class APIWorkflow(schema.as_state_machine()):  # type: ignore[misc]
     """Sequences through the links schemathesis infers from the spec (an id a response returns, used by the
     next request): e.g. create a file → retrieve/delete it; create a job → retrieve, cancel, events."""

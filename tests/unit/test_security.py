@@ -211,3 +211,33 @@ def test_missing_or_bad_keys_get_401_everywhere_but_health(world, header):
             or "revoked" in response.json()["error"]["message"]
         )
     assert client.get("/healthz").status_code == 200
+
+
+def test_model_folders_with_pickles_or_custom_code_are_refused(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from shared.basemodels.service import describe_folder
+
+    assert describe_folder(tiny_model)["parameters"] > 0
+    pickled = shutil.copytree(tiny_model, tmp_path / "pickled")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ValueError, match="pytorch_model.bin.*no pickles or code"):
+        describe_folder(pickled)
+    custom = shutil.copytree(tiny_model, tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    with pytest.raises(ValueError, match="auto_map"):
+        describe_folder(custom)
+
+
+def test_storage_keys_never_leave_their_root(tmp_path):
+    from shared.files.service import _safe_name, clean_filename
+    from shared.storage import LocalStorage, StorageError
+
+    assert clean_filename("../../etc/passwd") == "passwd" and clean_filename("a\x00b\n.jsonl") == "ab.jsonl"
+    assert "/" not in _safe_name("../../x") and ".." not in _safe_name("../../x").split("/")
+    storage = LocalStorage(tmp_path / "root")
+    with pytest.raises(StorageError):
+        storage.put_bytes("../outside", b"x")
+    assert not (tmp_path / "outside").exists()

@@ -19,7 +19,9 @@ from worker.training.model import COMPUTE_DTYPE, load_tokenizer
 def load_for_inference(base: Path, adapter: Path | None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=COMPUTE_DTYPE)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=COMPUTE_DTYPE, use_safetensors=True, trust_remote_code=False
+    )
     if adapter is not None:
         from peft import PeftModel
 

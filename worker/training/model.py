@@ -34,6 +34,8 @@ def load_base_model(path: Path, quantization: str = "nf4"):
         quantization_config=quantization_config(quantization),
         dtype=COMPUTE_DTYPE,
         device_map=device(),
+        use_safetensors=True,  # weights from the model store only, never pickles
+        trust_remote_code=False,  # and never code shipped with a model
     )
     model.config.use_cache = False
     keep_trainable_layout(model)
@@ -54,7 +56,7 @@ def keep_trainable_layout(model) -> None:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

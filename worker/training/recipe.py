@@ -157,7 +157,8 @@ class TrainingLoop:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(self.model, load_file(folder / "adapter" / "adapter_model.safetensors"))
-        state = torch.load(folder / "state.pt", weights_only=False)
+        # weights_only: tensors and plain values, no pickled code, even from our own verified checkpoint
+        state = torch.load(folder / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
         torch.set_rng_state(state.pop("torch_rng"))
