@@ -122,3 +122,42 @@ def test_hostile_uploads_are_refused_cleanly_and_the_api_stays_up(production_env
         f"\nhostile corpus: slowest {max(s for _, s in results.values()):.1f} s, /healthz max "
         f"{max(latencies) * 1000:.0f} ms over {len(latencies)} probes, API peak RSS {peak:.0f} MiB"
     )
+
+
+def test_declared_and_streamed_oversize_bodies_get_413_from_the_real_server(production_env, make_stack, tiny_model):
+    """Through uvicorn (not the in-process client): a huge Content-Length is refused before any body is sent,
+    and a chunked body with no Content-Length is cut off once it passes the limit."""
+    import socket
+
+    stack = make_stack({**production_env, "TUNEQUEUE_MAX_UPLOAD_BYTES": "1000000"}, tiny_model, worker=False)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + stack.key.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000000\r\n\r\n"
+        )
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413") and "payload_too_large" in reply, reply
+
+    import select
+
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + stack.key.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+        sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")  # a well-formed start, then no end
+        chunk = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+        sent, reply = 0, ""
+        while sent < 50_000_000 and not reply:
+            try:
+                sock.sendall(chunk)
+                sent += 65536
+            except OSError:  # the server closed its side after answering
+                pass
+            if select.select([sock], [], [], 0)[0] or sent >= 50_000_000:
+                reply = sock.recv(4096).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "payload_too_large" in reply, reply[:300]
+    # what was sent includes what the kernel buffered on the loopback socket; the server stopped at 1 MB
+    assert sent < 16_000_000, f"{sent:,} bytes went out before the 413 came back"
+    assert stack.client.get("/v1/files").status_code == 200

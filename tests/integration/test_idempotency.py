@@ -14,7 +14,7 @@ def test_jobs_sequential_concurrent_and_conflicting(production_env, make_stack, 
     body = {"model": "tiny-llama", "training_file": file_id, "seed": 1}
 
     def post(key: str, payload: dict) -> httpx.Response:
-        with httpx.Client(base_url=stack.client.base_url, timeout=60) as client:
+        with httpx.Client(base_url=stack.client.base_url, headers=stack.client.headers, timeout=60) as client:
             return client.post("/v1/fine_tuning/jobs", json=payload, headers={"Idempotency-Key": key})
 
     first, again = post("key-1", body), post("key-1", body)

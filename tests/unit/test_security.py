@@ -241,3 +241,24 @@ def test_storage_keys_never_leave_their_root(tmp_path):
     with pytest.raises(StorageError):
         storage.put_bytes("../outside", b"x")
     assert not (tmp_path / "outside").exists()
+
+
+def test_dev_makes_the_first_admin_key_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    from shared import cli, migrate
+    from shared.auth.service import authenticate, list_keys
+    from shared.db import session_scope
+
+    migrate.upgrade()
+    cli._first_key()
+    secret = capsys.readouterr().out.split()[-1]
+    cli._first_key()  # a key exists now: nothing new, nothing printed
+    assert capsys.readouterr().out == ""
+    with session_scope() as session:
+        assert len(list_keys(session)) == 1
+        principal = authenticate(session, secret)
+        assert principal is not None and principal.admin and principal.tenant == "default"
+        stored = list_keys(session)[0]
+        assert secret not in (stored.secret_sha256, stored.prefix) and stored.prefix == secret[:10]
