@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
 
     worker = commands.add_parser("worker", help="run a training worker")
-    worker.add_argument("--concurrency", type=int, default=1, help="jobs run at once")
+    slots = worker.add_mutually_exclusive_group()
+    slots.add_argument("--devices", help="GPU ids this worker owns, e.g. 0,1,2,3 (default: every GPU nvidia-smi lists)")
+    slots.add_argument("--cpu-slots", type=int, help="on a CPU-only node: how many jobs (or devices) at once")
     worker.add_argument("--loglevel", default="INFO")
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
@@ -135,9 +137,14 @@ def run_serve(args) -> int:
     return 0
 
 
-def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
-    # Threads: the Celery process only supervises (the recipe runs in its own child process), so a thread
-    # per job keeps the consumer responsive without forking a process that might import CUDA.
+def worker_command(slots: int = 1, loglevel: str = "INFO") -> list[str]:
+    """Threads: the Celery process only supervises (the recipe runs in its own child process), so a thread
+    per job keeps the consumer responsive without forking a process that might import CUDA. One thread per
+    slot, plus one so that validation does not wait behind training. The worker consumes the validation
+    queue and the training queues of every device class it can serve."""
+    from shared.queue import train_queues_for
+
+    queues = [get_settings().queue_name, *train_queues_for(slots)]
     return [
         sys.executable,
         "-m",
@@ -148,11 +155,11 @@ def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
         "--pool",
         "threads",
         "--concurrency",
-        str(concurrency),
+        str(slots + 1),
         "--loglevel",
         loglevel,
         "-Q",
-        get_settings().queue_name,
+        ",".join(queues),
         # One node name per process (pid@host, the pid survives the exec): two workers on one machine stay
         # apart in Celery, in heartbeats and in job leases.
         "--hostname",
@@ -163,7 +170,18 @@ def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
 
 
 def run_worker(args) -> int:
-    os.execv(sys.executable, worker_command(args.concurrency, args.loglevel))
+    from worker.slots import ENV, Slots, detect
+
+    if args.devices:
+        spec = f"gpu:{args.devices}"
+    elif args.cpu_slots:
+        spec = f"cpu:{args.cpu_slots}"
+    else:
+        spec = os.environ.get(ENV) or detect()
+    slots = Slots.from_spec(spec)
+    os.environ[ENV] = spec
+    print(f"worker slots: {spec} ({slots.total})", file=sys.stderr)
+    os.execv(sys.executable, worker_command(slots.total, args.loglevel))
 
 
 def run_dev(args) -> int:

@@ -7,13 +7,14 @@ from shared.files.models import File
 from shared.idempotency.models import IdempotencyKey
 from shared.jobs.models import Checkpoint, Job, JobEvent
 from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
-from shared.workers.models import WorkerHeartbeat
+from shared.workers.models import DeviceUsage, WorkerHeartbeat
 
 __all__ = [
     "ApiKey",
     "Base",
     "BaseModelRecord",
     "Checkpoint",
+    "DeviceUsage",
     "File",
     "IdempotencyKey",
     "Job",

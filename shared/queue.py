@@ -37,26 +37,57 @@ def transport_options(broker_url: str) -> dict:
     if broker_url.startswith("sqla+"):
         # kombu hands these to create_engine(): wait on a locked SQLite file instead of failing.
         return {"connect_args": {"timeout": 30}}
-    # Redis redelivers an unacked message after the visibility timeout, even to a second worker while the
-    # first still trains: keep it above the longest job (the claim makes a duplicate harmless).
-    return {"visibility_timeout": 7 * 24 * 3600}
+    return {
+        # Redis redelivers an unacked message after the visibility timeout, even to a second worker while the
+        # first still trains: keep it above the longest job (the claim makes a duplicate harmless).
+        "visibility_timeout": 7 * 24 * 3600,
+        # One Redis list per priority level, read in order: job priority is honoured by the broker itself.
+        "priority_steps": list(range(10)),
+        "queue_order_strategy": "priority",
+    }
+
+
+DEVICE_CLASSES = (1, 2, 4, 8)
+
+
+def device_class(devices: int) -> int:
+    """Jobs are routed by the device count they need, rounded up to a class: a worker with 4 slots consumes
+    the 1-, 2- and 4-device queues and never sees an 8-device job."""
+    for size in DEVICE_CLASSES:
+        if devices <= size:
+            return size
+    raise ValueError(f"at most {DEVICE_CLASSES[-1]} devices per job")
+
+
+def train_queue(devices: int) -> str:
+    return f"{get_settings().queue_name}.d{device_class(devices)}"
+
+
+def train_queues_for(slots: int) -> list[str]:
+    return [train_queue(size) for size in DEVICE_CLASSES if size <= slots]
 
 
 def publish(task_name: str, job_id: str) -> None:
+    """Validation (and anything not routed by devices) goes to the base queue, which every worker consumes."""
     get_celery().send_task(task_name, args=[job_id], queue=get_settings().queue_name)
 
 
+def publish_training(job_id: str, devices: int, priority: int) -> None:
+    """To the queue of its device class, at its priority (9 = first; kombu's Redis reads level 0 first)."""
+    get_celery().send_task(TRAIN_TASK, args=[job_id], queue=train_queue(devices), priority=9 - priority)
+
+
 def queue_depth() -> int | None:
-    """Messages waiting in the training queue (None if the broker cannot say)."""
-    queue = get_settings().queue_name
+    """Messages waiting in the validation and training queues (None if the broker cannot say)."""
+    queues = [get_settings().queue_name] + [train_queue(size) for size in DEVICE_CLASSES]
     with get_celery().connection_for_read() as connection:
         channel = connection.default_channel
         # kombu's virtual transports (Redis, SQLAlchemy) count messages with _size, all priority levels
         # included; a passive declare would instead fail on Redis when the queue is empty (no key).
         size = getattr(channel, "_size", None)
         if size is not None:
-            return int(size(queue))
-        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            return sum(int(size(queue)) for queue in queues)
+        return sum(int(channel.queue_declare(queue=q, passive=True).message_count) for q in queues)
 
 
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
@@ -67,19 +98,20 @@ def waiting_messages() -> set[tuple[str, str]] | None:
     inspected. A message a worker has taken is not waiting: that job is claimed within moments, and a
     duplicate publish is harmless anyway (the claim lets one attempt through)."""
     settings = get_settings()
-    url, queue = settings.resolved_broker_url, settings.queue_name
+    url = settings.resolved_broker_url
+    queues = [settings.queue_name] + [train_queue(size) for size in DEVICE_CLASSES]
     if url.startswith("redis"):
         import redis
 
         client = redis.Redis.from_url(url)
         try:
             # kombu keeps one list per priority step: the queue's name, then name + "\x06\x16" + step.
-            keys = [queue] + [k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*")]
+            keys = [k for q in queues for k in [q] + [k.decode() for k in client.scan_iter(match=f"{q}\x06\x16*")]]
             raw = [entry for key in keys for entry in client.lrange(key, 0, -1)]
         finally:
             client.close()
     elif url.startswith("sqla+"):
-        from sqlalchemy import create_engine, text
+        from sqlalchemy import bindparam, create_engine, text
 
         engine = create_engine(url.removeprefix("sqla+"))
         try:
@@ -88,9 +120,9 @@ def waiting_messages() -> set[tuple[str, str]] | None:
                     connection.execute(
                         text(
                             "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
-                            "WHERE q.name = :queue AND m.visible"
-                        ),
-                        {"queue": queue},
+                            "WHERE q.name IN :queues AND m.visible"
+                        ).bindparams(bindparam("queues", expanding=True)),
+                        {"queues": queues},
                     ).scalars()
                 )
         except Exception:  # no message was ever sent: kombu creates its tables on first use

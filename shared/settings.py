@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(default=100, description="Unfinished jobs a tenant may have (429)")
     max_queued_jobs_per_tenant: int = Field(default=50, description="Jobs a tenant may have waiting (429)")
     max_running_jobs_per_tenant: int = Field(default=8, description="Jobs of one tenant training at once")
+    max_tenant_priority: int = Field(default=5, description="Highest job priority (0-9) a tenant key may set")
+    slot_wait_seconds: float = Field(default=2.0, description="How long a job waits for a worker's free slot")
     max_request_bytes: int = Field(default=1024 * 1024, description="Largest request body, uploads aside (413)")
     max_file_lines: int = Field(default=2_000_000, description="Most lines in an uploaded file")
     max_line_bytes: int = Field(default=1024 * 1024, description="Longest line in an uploaded file")

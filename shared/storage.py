@@ -3,7 +3,9 @@ Keys are '/'-separated paths built by the server, never by the user."""
 
 import hashlib
 import logging
+import os
 import shutil
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -64,7 +66,8 @@ class Storage(ABC):
         """Copy an object to a local file; returns its sha256."""
         digest = hashlib.sha256()
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
+        # unique per writer: two workers (or threads) fetching the same model into one cache must not share it
+        partial = path.with_name(f"{path.name}.part-{os.getpid()}-{threading.get_ident()}")
         with open(partial, "wb") as out:
             for chunk in self.iter_chunks(key):
                 digest.update(chunk)
@@ -169,7 +172,8 @@ class LocalStorage(Storage):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         reader = _HashingReader(stream)
-        partial = path.with_name(path.name + ".part")
+        # unique per writer: two workers (or threads) fetching the same model into one cache must not share it
+        partial = path.with_name(f"{path.name}.part-{os.getpid()}-{threading.get_ident()}")
         with open(partial, "wb") as out:
             shutil.copyfileobj(reader, out, CHUNK)  # type: ignore[misc]
         partial.replace(path)  # atomic: a reader never sees a half-written object

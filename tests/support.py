@@ -95,8 +95,8 @@ class Stack:
                 time.sleep(0.3)
         raise RuntimeError(f"API did not start; see {self.logdir / 'api.log'}")
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        return self._spawn(name, [sys.executable, "-m", "shared.cli", "worker"])
+    def start_worker(self, name: str = "worker", *args: str) -> subprocess.Popen:
+        return self._spawn(name, [sys.executable, "-m", "shared.cli", "worker", *args])
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")

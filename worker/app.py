@@ -29,7 +29,7 @@ def beat_once(hostname: str, started_at: int) -> None:
                 started_at=started_at,
                 last_heartbeat=now(),
                 current_jobs=sorted(tasks.RUNNING_JOBS),
-                info={"queue": get_settings().queue_name},
+                info={"queue": get_settings().queue_name, "slots": tasks.get_slots().describe()},
             )
         )
 

@@ -26,6 +26,7 @@ from shared.jobs.models import Job
 from shared.jobs.service import fine_tuned_model_name
 from shared.settings import get_settings
 from shared.storage import StorageError, download_verified, get_storage, put_verified, with_retries
+from worker.slots import Lease
 from worker.training.reporter import parse_line
 
 PAUSED_EXIT_CODE = 3  # worker.training.recipe.PAUSED_EXIT_CODE; importing it would import torch here
@@ -69,8 +70,9 @@ class LeaseKeeper(threading.Thread):
 
 
 class JobRunner:
-    def __init__(self, job_id: str, attempt: int, worker: str):
+    def __init__(self, job_id: str, attempt: int, worker: str, lease: "Lease | None" = None):
         self.job_id, self.attempt, self.worker = job_id, attempt, worker
+        self.device_env = lease.environment() if lease is not None else {}
         self.settings = get_settings()
         self.storage = get_storage()
         self.error: dict | None = None
@@ -184,6 +186,7 @@ class JobRunner:
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "TUNEQUEUE_PARENT_PID": str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)
+                **self.device_env,  # its own devices only
             },
         )
         readers = [

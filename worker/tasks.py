@@ -12,11 +12,13 @@ from shared.files.models import File
 from shared.ids import now
 from shared.jobs import execution, state
 from shared.jobs.datacheck import check_job_data
+from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job
-from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery, publish
+from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery
 from shared.settings import get_settings
 from shared.storage import StorageError, get_storage
 from worker.runner import JobRunner, RecipeFailed, RetryAttempt
+from worker.slots import Lease, Slots, record_end_in, record_start
 
 log = logging.getLogger("tunequeue.worker")
 app = get_celery()
@@ -62,7 +64,7 @@ def validate(job_id: str) -> None:
         if not check.ok:
             execution.fail_job(session, job_id, None, "invalid_training_file", check.message(), check.param)
         elif state.transition(session, job_id, state.QUEUED, expect={state.VALIDATING}):
-            after_commit(session, lambda: publish(TRAIN_TASK, job_id))
+            after_commit(session, lambda: dispatch_training(job_id))
 
 
 def _fail_validation(job_id: str, code: str, message: str, param: str | None) -> None:
@@ -77,15 +79,44 @@ def train(job_id: str) -> None:
     job's own, or requeued for another attempt when the cause was not (bounded by TUNEQUEUE_MAX_ATTEMPTS)."""
     settings = get_settings()
     with session_scope() as session:
-        attempt = execution.claim_job(
-            session, job_id, worker_name(), settings.lease_seconds, settings.max_running_jobs_per_tenant
-        )
-    if attempt is None:
-        log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
+        job = session.get(Job, job_id)
+        if job is None or job.status != state.QUEUED:
+            log.info("job %s is not queued (%s); acking", job_id, job.status if job else "gone")
+            return
+        devices, priority = job.devices, job.priority
+    slots = get_slots()
+    if devices > slots.total:  # routing keeps this from happening; if it does, leave it to a bigger worker
+        log.error("job %s needs %d devices, this worker has %d; republishing", job_id, devices, slots.total)
+        dispatch_training(job_id)
         return
-    RUNNING_JOBS.add(job_id)
+    lease = slots.acquire(devices, priority, timeout=settings.slot_wait_seconds)
+    if lease is None:
+        # No slot here soon enough: back to the broker at its priority, where a worker with a free slot (or
+        # this one, later) takes it. Waiting longer here would hold the job out of the queue's order.
+        dispatch_training(job_id)
+        return
+    usage: list[int] = []
     try:
-        JobRunner(job_id, attempt, worker_name()).run()
+        with session_scope() as session:
+            attempt = execution.claim_job(
+                session, job_id, worker_name(), settings.lease_seconds, settings.max_running_jobs_per_tenant
+            )
+        if attempt is None:
+            log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
+            return
+        usage = record_start(worker_name(), lease, job_id, attempt)
+        RUNNING_JOBS.add(job_id)
+        run_attempt(job_id, attempt, lease)
+    finally:
+        RUNNING_JOBS.discard(job_id)
+        if usage:
+            retrying(lambda session: record_end_in(session, usage), f"recording device release of {job_id}")
+        slots.release(lease)
+
+
+def run_attempt(job_id: str, attempt: int, lease: Lease) -> None:
+    try:
+        JobRunner(job_id, attempt, worker_name(), lease).run()
     except RecipeFailed as exc:
         _fail(job_id, attempt, exc.code, str(exc), exc.param)
     except RetryAttempt as exc:
@@ -98,8 +129,16 @@ def train(job_id: str) -> None:
         _requeue(job_id, attempt, f"Attempt {attempt}: {type(exc).__name__}: {exc}", "internal_error")
         if not isinstance(exc, Exception):
             raise
-    finally:
-        RUNNING_JOBS.discard(job_id)
+
+
+_SLOTS: Slots | None = None
+
+
+def get_slots() -> Slots:
+    global _SLOTS
+    if _SLOTS is None:
+        _SLOTS = Slots.from_env()
+    return _SLOTS
 
 
 def _fail(job_id: str, attempt: int, code: str, message: str, param: str | None) -> None:
@@ -112,6 +151,6 @@ def _requeue(job_id: str, attempt: int, reason: str, code: str) -> None:
             session, job_id, attempt, reason, max_attempts=get_settings().max_attempts, code=code
         )
         if outcome == state.QUEUED:
-            after_commit(session, lambda: publish(TRAIN_TASK, job_id))
+            after_commit(session, lambda: dispatch_training(job_id))
 
     retrying(requeue, f"requeueing {job_id}")

@@ -41,6 +41,7 @@ def overview(session: DbSession):
                 "last_heartbeat": w.last_heartbeat,
                 "seconds_since_heartbeat": now() - w.last_heartbeat,
                 "current_jobs": w.current_jobs,
+                "slots": (w.info or {}).get("slots"),  # kind, total, free, device ids
             }
             for w in workers
         ],

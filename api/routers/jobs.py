@@ -4,7 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import DbSession, SettingsDep, StorageDep, Tenant
+from api.deps import Caller, DbSession, SettingsDep, StorageDep, Tenant
 from api.errors import declare
 from shared.errors import InvalidRequest, NotFound
 from shared.idempotency.service import idempotent, request_fingerprint
@@ -21,6 +21,7 @@ def create_job(
     storage: StorageDep,
     settings: SettingsDep,
     tenant: Tenant,
+    caller: Caller,
     request: JobCreate,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
@@ -29,7 +30,12 @@ def create_job(
 
     def create() -> dict:
         job = service.create_job(
-            session, tenant, request, settings.max_active_jobs_per_tenant, settings.max_queued_jobs_per_tenant
+            session,
+            tenant,
+            request,
+            settings.max_active_jobs_per_tenant,
+            settings.max_queued_jobs_per_tenant,
+            max_priority=9 if caller.admin else settings.max_tenant_priority,
         )
         return FineTuningJob.of(job).model_dump(mode="json")
 

@@ -28,6 +28,8 @@ class Job(Base):
     adapter_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # 0-9, 9 first
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # resources.devices
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # The running attempt's lease: its worker renews it; past it, the sweeper requeues the job.

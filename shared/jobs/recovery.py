@@ -17,6 +17,7 @@ from sqlalchemy import and_, or_, select, update
 from shared.db import after_commit, session_scope
 from shared.ids import now
 from shared.jobs import execution, state
+from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job, JobEvent
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish, waiting_messages
 from shared.settings import Settings, get_settings
@@ -57,13 +58,19 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
         with session_scope() as session:
             outcome = execution.requeue_job(session, job_id, attempt, reason, max_attempts=settings.max_attempts)
             if outcome == state.QUEUED:
-                after_commit(session, functools.partial(publish, TRAIN_TASK, job_id))
+                after_commit(session, functools.partial(dispatch_training, job_id))
         if outcome == state.QUEUED:
             report.requeued.append(job_id)
         elif outcome == state.FAILED:
             report.failed.append(job_id)
         if outcome:
             log.warning("%s: %s → %s", job_id, reason, outcome)
+
+
+def republish(task: str, job_id: str):
+    if task == TRAIN_TASK:
+        return functools.partial(dispatch_training, job_id)
+    return functools.partial(publish, task, job_id)
 
 
 def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
@@ -105,6 +112,6 @@ def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
                     message="No message for this job was waiting in the broker; it was published again",
                 )
             )
-            after_commit(session, functools.partial(publish, task, job_id))
+            after_commit(session, republish(task, job_id))
         report.republished.append(job_id)
         log.warning("%s (%s) had no message in the broker; republished", job_id, status)

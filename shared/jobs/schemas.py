@@ -71,6 +71,11 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    devices: int = Field(default=1, ge=1, le=8, description="GPUs (or CPU slots) the job trains on at once")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +101,8 @@ class JobCreate(BaseModel):
     train_on_inputs: bool = False
     adapter_selection: Literal["best", "last"] = "best"
     dry_run: bool = Field(default=False, description="validate and estimate; create no job")
+    priority: int = Field(default=0, ge=0, le=9, description="9 runs first; tenant keys are capped (admins: 9)")
+    resources: Resources = Field(default_factory=Resources)
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -168,6 +175,8 @@ class FineTuningJob(BaseModel):
     training_options: dict
     progress: dict | None = None
     validation_report: dict | None = None
+    priority: int = 0
+    resources: dict = Field(default_factory=lambda: {"devices": 1})
 
     @classmethod
     def of(cls, job: Job) -> "FineTuningJob":
@@ -193,6 +202,8 @@ class FineTuningJob(BaseModel):
             training_options=job.training_options,
             progress=job.progress,
             validation_report=job.validation_report,
+            priority=job.priority,
+            resources={"devices": job.devices},
         )
 
 

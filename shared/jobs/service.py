@@ -16,13 +16,15 @@ from shared.files.service import get_file
 from shared.ids import new_id, now
 from shared.jobs import state
 from shared.jobs.datacheck import check_job_data
+from shared.jobs.dispatch import dispatch_training
 from shared.jobs.errors import JobConflict, JobNotCancellable, JobNotFound
 from shared.jobs.models import Checkpoint, Job, JobEvent
 from shared.jobs.schemas import DryRun, Hyperparameters, JobCreate
-from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish
+from shared.queue import VALIDATE_TASK, publish
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.webhooks.service import record_job_transition
+from shared.workers.models import WorkerHeartbeat
 
 BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multiplier scales it
 DEFAULT_BATCH_SIZE = 8
@@ -66,9 +68,30 @@ def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict
 
 
 def create_job(
-    session: Session, tenant: str, request: JobCreate, max_active: int = 100, max_queued: int | None = None
+    session: Session,
+    tenant: str,
+    request: JobCreate,
+    max_active: int = 100,
+    max_queued: int | None = None,
+    max_priority: int = 9,
 ) -> Job:
     base = get_base_model(session, request.model)
+    if request.priority > max_priority:
+        raise InvalidRequest(
+            f"priority {request.priority} is above this key's limit of {max_priority} "
+            "(TUNEQUEUE_MAX_TENANT_PRIORITY; admin keys may use up to 9)",
+            param="priority",
+        )
+    check_capacity(session, request.resources.devices)
+    if request.resources.devices > 1:
+        # Slots, routing and capacity already understand multi-device jobs; the DeepSpeed launch does not
+        # exist yet, and running such a job on one device would not be what was asked for.
+        raise InvalidRequest(
+            "resources.devices > 1 (one job across several devices with DeepSpeed) is not available yet; "
+            "submit with devices: 1 (see docs/scaling.md)",
+            param="resources.devices",
+            code="multi_device_unavailable",
+        )
     check_target_modules(base, request.lora_target_modules)
     training = training_file(session, tenant, request.training_file, "training_file")
     if request.validation_file:
@@ -107,6 +130,8 @@ def create_job(
         hyperparameters=resolve_hyperparameters(request.requested_hyperparameters(), training.line_count),
         training_options=request.training_options(),
         user_metadata=request.metadata,
+        priority=request.priority,
+        devices=request.resources.devices,
         result_files=[],
         attempt=0,
         cancel_requested=False,
@@ -120,6 +145,22 @@ def create_job(
     job_id = job.id
     after_commit(session, lambda: publish(VALIDATE_TASK, job_id))
     return job
+
+
+def check_capacity(session: Session, devices: int) -> None:
+    """A job that no registered worker could ever run is refused now, not left queued forever. Workers
+    report their slots in heartbeats; those seen in the last day count."""
+    if devices == 1:
+        return  # every worker has at least one slot
+    seen = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat > now() - 86400))
+    largest = max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in seen), default=0)
+    if devices > largest:
+        raise InvalidRequest(
+            f"no registered worker can run a job on {devices} devices (the largest has {largest}); "
+            "start `tunequeue worker --devices …` on a bigger node or ask for fewer",
+            param="resources.devices",
+            code="no_capable_worker",
+        )
 
 
 def training_file(session: Session, tenant: str, file_id: str, param: str) -> File:
@@ -254,7 +295,7 @@ def resume_job(session: Session, tenant: str, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     if not state.transition(session, job_id, state.QUEUED, expect={state.PAUSED}, message="Resumed; job queued"):
         raise JobConflict(f"Job {job_id} is {job.status}; only a paused job can be resumed", "job_not_paused")
-    after_commit(session, lambda: publish(TRAIN_TASK, job_id))
+    after_commit(session, lambda: dispatch_training(job_id))
     return get_job(session, tenant, job_id)
 
 

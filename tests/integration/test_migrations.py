@@ -16,6 +16,7 @@ TABLES = {
     "job_events",
     "checkpoints",
     "api_keys",
+    "device_usage",
     "base_models",
     "workers",
     "webhook_endpoints",

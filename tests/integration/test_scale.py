@@ -1,0 +1,105 @@
+"""Several workers (separate "nodes" with their own slots) on one broker and database: every job runs exactly
+once, no device slot is ever held by two jobs at once, routing refuses what no worker can run, and the broker
+starts higher-priority jobs first."""
+
+from sqlalchemy import create_engine, text
+
+from tests.faults import wait_for
+from tests.support import chat, write_jsonl
+
+SCALE_ENV = {
+    "TUNEQUEUE_SWEEP_SECONDS": "1",
+    "TUNEQUEUE_REPUBLISH_AFTER_SECONDS": "3",
+    "TUNEQUEUE_SLOT_WAIT_SECONDS": "0.5",
+    "TUNEQUEUE_HEARTBEAT_SECONDS": "1",
+}
+
+
+def data(tmp_path):
+    return write_jsonl(tmp_path / "t.jsonl", [chat(f"Item {i}?", f"Squawk {i}!") for i in range(16)])
+
+
+def usage(env) -> list[dict]:
+    engine = create_engine(env["TUNEQUEUE_DATABASE_URL"])
+    with engine.connect() as connection:
+        rows = [
+            dict(r) for r in connection.execute(text("SELECT * FROM device_usage ORDER BY started_at_ms")).mappings()
+        ]
+    engine.dispose()
+    return rows
+
+
+def wait_for_workers(stack, count: int) -> list[dict]:
+    def ready():
+        workers = stack.client.get("/admin/overview").json()["workers"]
+        return workers if len([w for w in workers if w.get("slots")]) >= count else None
+
+    return wait_for(ready, 90, f"{count} workers to report their slots")
+
+
+def test_several_workers_share_jobs_and_never_overcommit_a_slot(production_env, make_stack, tiny_model, tmp_path):
+    env = {**production_env, **SCALE_ENV}
+    stack = make_stack(env, tiny_model, worker=False)
+    for name, slots in (("node-a", "2"), ("node-b", "1"), ("node-c", "1")):
+        stack.start_worker(name, "--cpu-slots", slots)
+    workers = wait_for_workers(stack, 3)
+    assert sorted(w["slots"]["total"] for w in workers) == [1, 1, 2]
+
+    file_id = stack.upload(data(tmp_path))["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 3, "batch_size": 4}}
+    refused = stack.client.post("/v1/fine_tuning/jobs", json={**body, "resources": {"devices": 4}})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_capable_worker"
+    assert "the largest has 2" in refused.json()["error"]["message"]
+
+    job_ids = [stack.create_job(**body)["id"] for _ in range(8)]  # 8 jobs for 4 slots
+    jobs = [stack.wait(job_id, timeout=400) for job_id in job_ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 8, stack.logs()
+
+    rows = usage(env)
+    assert sorted(r["job_id"] for r in rows) == sorted(job_ids)  # each job ran exactly once...
+    assert all(r["attempt"] == 1 and r["ended_at_ms"] for r in rows)  # ...on its first attempt
+    by_slot: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for r in rows:
+        by_slot.setdefault((r["worker"], r["device"]), []).append((r["started_at_ms"], r["ended_at_ms"]))
+    for slot, intervals in by_slot.items():
+        intervals.sort()
+        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+            assert start >= end, f"slot {slot} held by two jobs at once: {intervals}"
+    assert len({worker for worker, _ in by_slot}) == 3  # every node worked
+    two_slot = [r for r in rows if r["device"] == "cpu:1"]
+    assert two_slot, "node-a never used its second slot"
+    schedule = "\n".join(
+        f"  {r['job_id'][-6:]} {r['worker'].split(':')[-1]:>7} {r['device']} "
+        f"{(r['started_at_ms'] - rows[0]['started_at_ms']) / 1000:6.1f}s → "
+        f"{(r['ended_at_ms'] - rows[0]['started_at_ms']) / 1000:6.1f}s"
+        for r in rows
+    )
+    print(f"\nschedule (job, worker pid, slot, start → end):\n{schedule}")
+
+
+def test_priorities_order_start_times(production_env, make_stack, tiny_model, tmp_path):
+    env = {**production_env, **SCALE_ENV}
+    stack = make_stack(env, tiny_model, worker=False)
+    stack.start_worker("node", "--cpu-slots", "1")
+    wait_for_workers(stack, 1)
+    file_id = stack.upload(data(tmp_path))["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}}
+    blocker = stack.create_job(**{**body, "hyperparameters": {"n_epochs": 8, "batch_size": 4}})["id"]
+    wait_for(
+        lambda: stack.client.get(f"/v1/fine_tuning/jobs/{blocker}").json()["status"] == "running", 120, "the blocker"
+    )
+
+    tenant = stack.create_key("tenant-x")
+    too_high = stack.client.post(
+        "/v1/fine_tuning/jobs", json={**body, "priority": 7}, headers={"Authorization": f"Bearer {tenant}"}
+    )
+    assert too_high.status_code == 400 and too_high.json()["error"]["param"] == "priority"
+
+    by_priority = {p: stack.create_job(**body, priority=p)["id"] for p in (1, 9, 3, 7)}  # admin key: any priority
+    assert stack.client.get(f"/v1/fine_tuning/jobs/{by_priority[9]}").json()["priority"] == 9
+    for job_id in [blocker, *by_priority.values()]:
+        assert stack.wait(job_id, timeout=400)["status"] == "succeeded", stack.logs()
+    started = {r["job_id"]: r["started_at_ms"] for r in usage(env)}
+    order = sorted(by_priority, key=lambda p: started[by_priority[p]])
+    assert order == [9, 7, 3, 1], order
+    assert started[blocker] < min(started[j] for j in by_priority.values())

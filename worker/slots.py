@@ -1,0 +1,119 @@
+"""Device slots of one worker: GPUs (`--devices 0,1,2,3`, pinned with CUDA_VISIBLE_DEVICES) or CPU slots
+(`--cpu-slots N`). A job takes as many as it asks for, or waits; a slot is never given to two jobs."""
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from shared.db import session_scope
+from shared.workers.models import DeviceUsage
+
+ENV = "TUNEQUEUE_WORKER_DEVICES"  # "gpu:0,1,2,3" or "cpu:2", set by `tunequeue worker`
+
+
+@dataclass
+class Lease:
+    kind: str
+    ids: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.kind}:{i}" for i in self.ids]
+
+    def environment(self) -> dict[str, str]:
+        """What the recipe's process sees: only its own GPUs."""
+        if self.kind == "gpu":
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.ids)}
+        return {"CUDA_VISIBLE_DEVICES": "", "TUNEQUEUE_CPU_SLOTS": ",".join(self.ids)}
+
+
+class Slots:
+    def __init__(self, kind: str, ids: list[str]):
+        if kind not in ("gpu", "cpu") or not ids:
+            raise ValueError(f"worker devices must be gpu:<ids> or cpu:<n>, got {kind}:{ids}")
+        self.kind, self.ids = kind, ids
+        self.free = list(ids)
+        self.condition = threading.Condition()
+        self.waiting: list[tuple[int, int]] = []  # (-priority, arrival) of threads waiting for slots
+        self._arrivals = itertools.count()
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Slots":
+        kind, _, rest = spec.partition(":")
+        if kind == "cpu":
+            return cls("cpu", [str(i) for i in range(int(rest or 1))])
+        return cls(kind, [i for i in rest.split(",") if i])
+
+    @classmethod
+    def from_env(cls) -> "Slots":
+        return cls.from_spec(os.environ.get(ENV, "cpu:1"))
+
+    @property
+    def total(self) -> int:
+        return len(self.ids)
+
+    def acquire(self, count: int, priority: int = 0, timeout: float | None = None) -> Lease | None:
+        """Take `count` free slots, waiting up to `timeout` seconds (None: forever); None if they did not
+        free up in time. Among waiters, the highest priority (then the earliest) is served first."""
+        if count > self.total:
+            raise ValueError(f"this worker has {self.total} {self.kind} slots; a job asked for {count}")
+        ticket = (-priority, next(self._arrivals))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.condition:
+            self.waiting.append(ticket)
+            try:
+                while len(self.free) < count or min(self.waiting) != ticket:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    self.condition.wait(left)
+                taken, self.free = self.free[:count], self.free[count:]
+                return Lease(self.kind, taken)
+            finally:
+                self.waiting.remove(ticket)
+                self.condition.notify_all()  # the next waiter in line may fit now
+
+    def release(self, lease: Lease) -> None:
+        with self.condition:
+            self.free = sorted(self.free + lease.ids, key=self.ids.index)
+            self.condition.notify_all()
+
+    def describe(self) -> dict:
+        with self.condition:
+            return {"kind": self.kind, "total": self.total, "free": len(self.free), "devices": list(self.ids)}
+
+
+def record_start(worker: str, lease: Lease, job_id: str, attempt: int) -> list[int]:
+    started = int(time.time() * 1000)
+    with session_scope() as session:
+        rows = [
+            DeviceUsage(worker=worker, device=name, job_id=job_id, attempt=attempt, started_at_ms=started)
+            for name in lease.names
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]
+
+
+def record_end_in(session, row_ids: list[int]) -> None:
+    from sqlalchemy import update
+
+    session.execute(update(DeviceUsage).where(DeviceUsage.id.in_(row_ids)).values(ended_at_ms=int(time.time() * 1000)))
+
+
+def detect() -> str:
+    """GPUs if nvidia-smi lists any (without initialising CUDA in this process), else one CPU slot."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            listing = ""
+        count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+        if count:
+            return "gpu:" + ",".join(str(i) for i in range(count))
+    return "cpu:1"
