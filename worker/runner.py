@@ -283,12 +283,14 @@ class JobRunner:
         with session_scope() as session:
             execution.record_metrics(session, self.job_id, self.attempt, pending)
 
-    def save_state_checkpoint(self, event: dict) -> tuple[int, str, str | None]:
-        """Upload the recipe's saved state (with the metrics so far) and record it as a resumable checkpoint."""
+    def save_state_checkpoint(self, event: dict, name: str = "step") -> tuple[int, str, str | None]:
+        """Upload the recipe's saved state (with the metrics so far) and record it as a resumable checkpoint.
+        A pause or a shutdown saves under its own name: it may land on the step of a periodic checkpoint,
+        and an object, once recorded with its sha256, is never overwritten."""
         step = event["step"]
         folder = Path(event["path"])
         (folder / "metrics_rows.json").write_text(json.dumps(self.metrics_rows))
-        key = f"{self.prefix}/checkpoints/step-{step}.zip"
+        key = f"{self.prefix}/checkpoints/{name}-{step}.zip"
         return step, key, self.promote_checkpoint(step, event["metrics"], zip_folder(folder), key)
 
     def promote_checkpoint(self, step: int, metrics: dict, data: bytes, key: str) -> str | None:
@@ -338,7 +340,7 @@ class JobRunner:
             )
             return
         if returncode == PAUSED_EXIT_CODE and self.paused is not None:
-            step, key, sha256 = self.save_state_checkpoint(self.paused)
+            step, key, sha256 = self.save_state_checkpoint(self.paused, "saved-at-step")
             if self.draining:
                 raise RetryAttempt(f"Worker {self.worker} shut down; its state at step {step} is saved")
             if sha256 is not None:

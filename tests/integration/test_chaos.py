@@ -238,26 +238,34 @@ def test_redis_restart_and_dropped_message_lose_no_job(make_stack, chaos_env, ti
     wait_for(lambda: inspector.job(running)["status"] == "running", 120, "the first job to run")
     queue = chaos_env["TUNEQUEUE_QUEUE_NAME"]
     client = redis.Redis(host="127.0.0.1", port=6379)
+
+    def queued_in_redis(job_id: str) -> bool:  # validation queue and training queues, every priority level
+        return any(job_id.encode() in b"".join(client.lrange(key, 0, -1)) for key in client.keys(f"{queue}*"))
+
     waiting = submit(stack, tmp_path, n_epochs=2)  # behind the running job: its message waits in Redis
-    wait_for(lambda: waiting.encode() in b"".join(client.lrange(queue, 0, -1)), 30, "the second job's message")
+    wait_for(lambda: queued_in_redis(waiting), 30, "the second job's message")
     down = restart_redis()  # nothing persisted: the waiting message is gone
     restarted = time.monotonic()
     dropped = submit(stack, tmp_path, n_epochs=2)
 
     def drop_its_message() -> bool:
-        return dropped.encode() in b"".join(client.lrange(queue, 0, -1)) and bool(client.delete(queue))
+        return queued_in_redis(dropped) and bool(client.delete(*client.keys(f"{queue}*")))
 
     wait_for(drop_its_message, 30, "the third job's message, to drop it")  # lost in the broker
 
     jobs = [stack.wait(job_id, timeout=300) for job_id in (running, waiting, dropped)]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, ([j["error"] for j in jobs], stack.logs())
     recovered = time.monotonic() - restarted
-    for job_id in (waiting, dropped):
-        assert any("published again" in e["message"] for e in inspector.events(job_id))
+    # Who put the lost messages back: the sweeper ("published again"), or a worker that had taken one while
+    # waiting for a slot and handed it back. Either way nothing was lost; test_sweeper pins the sweeper down.
+    republished = sum(any("published again" in e["message"] for e in inspector.events(j)) for j in (waiting, dropped))
     assert inspector.job(running)["attempt"] == 1  # the running job never noticed
     check_invariants(inspector, [running, waiting, dropped])
     report(
-        "Redis restarted mid-run + a dropped message", redis_down_s=round(down, 1), all_done_after_s=round(recovered, 1)
+        "Redis restarted mid-run + a dropped message",
+        redis_down_s=round(down, 1),
+        all_done_after_s=round(recovered, 1),
+        republished_by_sweeper=republished,
     )
 
 
