@@ -133,10 +133,10 @@ class Stack:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def wait(self, job_id: str, until=TERMINAL, timeout: float = 600) -> dict:
+    def wait(self, job_id: str, until=TERMINAL, timeout: float = 600, headers: dict | None = None) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            job = self.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
             if job["status"] in until:
                 return job
             time.sleep(0.5)

@@ -3,6 +3,7 @@
 import logging
 import os
 import socket
+import time
 
 from sqlalchemy import update
 
@@ -84,6 +85,14 @@ def train(job_id: str) -> None:
             log.info("job %s is not queued (%s); acking", job_id, job.status if job else "gone")
             return
         devices, priority = job.devices, job.priority
+        behind = execution.tenant_to_serve_first(session, job, get_slots().total, settings.max_running_jobs_per_tenant)
+    if behind is not None:
+        # Round-robin between tenants within a priority: another tenant is owed a turn, so this job goes back
+        # to the end of its queue and the broker hands out the next message.
+        log.info("job %s of %s yields to tenant %s (fair share); republishing", job_id, job.tenant, behind)
+        time.sleep(0.2)  # if the other tenant's job is in flight elsewhere, do not spin on the broker
+        dispatch_training(job_id)
+        return
     slots = get_slots()
     if devices > slots.total:  # routing keeps this from happening; if it does, leave it to a bigger worker
         log.error("job %s needs %d devices, this worker has %d; republishing", job_id, devices, slots.total)

@@ -42,6 +42,42 @@ def claim_job(
     return attempt if won else None
 
 
+def tenant_to_serve_first(session: Session, job: Job, max_devices: int, max_running: int | None = None) -> str | None:
+    """Fair share: the tenant (other than this job's) that should start before this job, if any: one with a
+    queued job of at least this priority that has fewer jobs running, or as many and was served longer ago.
+    None: this job may go. One tenant's 100 jobs thus take turns with another tenant's one."""
+    mine = tenant_load(session, job.tenant)
+    waiting = session.execute(
+        select(Job.tenant)
+        .where(
+            Job.status == state.QUEUED,
+            Job.priority >= job.priority,
+            Job.tenant != job.tenant,
+            Job.devices <= max_devices,  # only jobs this worker could run instead
+            Job.cancel_requested.is_(False),
+        )
+        .distinct()
+    ).scalars()
+    for tenant in waiting:
+        theirs = tenant_load(session, tenant)
+        if max_running is not None and theirs[0] >= max_running:
+            continue  # that tenant cannot start another job anyway
+        if theirs < mine:
+            return tenant
+    return None
+
+
+def tenant_load(session: Session, tenant: str) -> tuple[int, int]:
+    """(jobs running, when the tenant last started one): lower goes first."""
+    running, last_start = session.execute(
+        select(
+            func.count().filter(Job.status == state.RUNNING),
+            func.coalesce(func.max(Job.started_at), 0),
+        ).where(Job.tenant == tenant)
+    ).one()
+    return running or 0, last_start or 0
+
+
 def tenant_at_running_limit(session: Session, tenant: str, max_running: int) -> bool:
     if session.get_bind().dialect.name == "postgresql":
         # Claims of one tenant's jobs take turns here, so that two workers cannot both see one slot left.

@@ -103,3 +103,29 @@ def test_priorities_order_start_times(production_env, make_stack, tiny_model, tm
     order = sorted(by_priority, key=lambda p: started[by_priority[p]])
     assert order == [9, 7, 3, 1], order
     assert started[blocker] < min(started[j] for j in by_priority.values())
+
+
+def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_model, tmp_path):
+    env = {**production_env, **SCALE_ENV}
+    stack = make_stack(env, tiny_model, worker=False)
+    stack.start_worker("node", "--cpu-slots", "1")
+    wait_for_workers(stack, 1)
+    keys = {tenant: {"Authorization": f"Bearer {stack.create_key(tenant)}"} for tenant in ("big", "small")}
+
+    def submit(tenant: str) -> str:
+        with open(data(tmp_path), "rb") as stream:
+            file_id = stack.client.post(
+                "/v1/files", files={"file": ("t.jsonl", stream)}, data={"purpose": "fine-tune"}, headers=keys[tenant]
+            ).json()["id"]
+        body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}}
+        response = stack.client.post("/v1/fine_tuning/jobs", json=body, headers=keys[tenant])
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    big = [submit("big") for _ in range(4)]
+    small = submit("small")  # one job, after the other tenant's four
+    for job_id, tenant in [*((j, "big") for j in big), (small, "small")]:
+        assert stack.wait(job_id, timeout=400, headers=keys[tenant])["status"] == "succeeded", stack.logs()
+    started = {r["job_id"]: r["started_at_ms"] for r in usage(env)}
+    order = sorted([*big, small], key=started.get)
+    assert order.index(small) == 1, f"the small tenant's job started {order.index(small) + 1}th of 5"

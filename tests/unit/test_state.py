@@ -158,3 +158,21 @@ def test_claim_waits_while_the_tenant_is_at_its_running_limit(session):
     assert len(waiting) == 1 and "TUNEQUEUE_MAX_RUNNING_JOBS_PER_TENANT" in waiting[0].message  # said once
     assert execution.succeed_job(session, first, 1)
     assert execution.claim_job(session, "ftjob-2", "w", max_running=1) == 1
+
+
+def test_fair_share_lets_a_waiting_tenant_go_first(session):
+    first = add_job(session)  # tenant "t"
+    template = {c.name: getattr(session.get(Job, first), c.name) for c in Job.__table__.columns}
+    session.add_all(
+        [Job(**{**template, "id": "ftjob-t2"}), Job(**{**template, "id": "ftjob-u1", "tenant": "u", "priority": 0})]
+    )
+    session.flush()
+    assert execution.claim_job(session, first, "w") == 1  # t has one running now
+    t2, u1 = session.get(Job, "ftjob-t2"), session.get(Job, "ftjob-u1")
+    assert execution.tenant_to_serve_first(session, t2, max_devices=1) == "u"  # u has none running
+    assert execution.tenant_to_serve_first(session, u1, max_devices=1) is None
+    assert execution.tenant_to_serve_first(session, t2, max_devices=1, max_running=0) is None  # u cannot start
+    session.get(Job, "ftjob-u1").priority = 0
+    t2.priority = 5
+    session.flush()
+    assert execution.tenant_to_serve_first(session, t2, max_devices=1) is None  # higher priority goes regardless
