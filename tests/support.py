@@ -195,3 +195,26 @@ def extract_zip(data: bytes, target: Path) -> Path:
 
     zipfile.ZipFile(io.BytesIO(data)).extractall(target)
     return target
+
+
+def embedded_in_process(monkeypatch, data_dir: Path, tiny_model: Path | None = None, **settings: str) -> None:
+    """This test process on the embedded defaults (SQLite, SQLAlchemy broker, local storage) under `data_dir`,
+    with TUNEQUEUE_<NAME> settings, migrated, and the tiny model imported as `tiny-llama` if given."""
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(data_dir))
+    for name, value in settings.items():
+        monkeypatch.setenv(f"TUNEQUEUE_{name.upper()}", value)
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    from shared import cli, migrate
+
+    migrate.upgrade()
+    if tiny_model is not None:
+        cli.register_folder(tiny_model, "tiny-llama", source="test")
+
+
+def make_key(tenant: str, admin: bool = False) -> str:
+    from shared.auth.service import create_key
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        return create_key(session, tenant, admin=admin)[1]

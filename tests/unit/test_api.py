@@ -6,25 +6,16 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import SAMPLE, chat
+from tests.support import SAMPLE, chat, embedded_in_process, make_key
 
 
 @pytest.fixture
 def client(tmp_path, monkeypatch, tiny_model):
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
-        monkeypatch.delenv(key, raising=False)
-    from shared import cli, migrate
-
-    migrate.upgrade()
-    cli.register_folder(tiny_model, "tiny-llama", source="test")
+    embedded_in_process(monkeypatch, tmp_path / "data", tiny_model)
     from api.app import create_app
-    from shared.auth.service import create_key
-    from shared.db import session_scope
 
-    with session_scope() as session:
-        _, secret = create_key(session, "default", admin=True)
-    with TestClient(create_app(), headers={"Authorization": f"Bearer {secret}"}) as client:
+    headers = {"Authorization": f"Bearer {make_key('default', admin=True)}"}
+    with TestClient(create_app(), headers=headers) as client:
         yield client
 
 

@@ -6,28 +6,17 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import SAMPLE, chat
+from tests.support import SAMPLE, chat, embedded_in_process, make_key
 
 
 @pytest.fixture
 def client(tmp_path, monkeypatch, tiny_model):
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNEQUEUE_MAX_REQUEST_BYTES", "4096")
-    monkeypatch.setenv("TUNEQUEUE_MAX_UPLOAD_BYTES", str(200_000))
-    monkeypatch.setenv("TUNEQUEUE_MAX_FILE_LINES", "300")
-    monkeypatch.setenv("TUNEQUEUE_MAX_LINE_BYTES", "2000")
-    monkeypatch.setenv("TUNEQUEUE_MAX_QUEUED_JOBS_PER_TENANT", "2")
-    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
-        monkeypatch.delenv(key, raising=False)
+    limits = {"max_request_bytes": "4096", "max_upload_bytes": "200000", "max_file_lines": "300"}
+    limits |= {"max_line_bytes": "2000", "max_queued_jobs_per_tenant": "2"}
+    embedded_in_process(monkeypatch, tmp_path / "data", tiny_model, **limits)
     from api.app import create_app
-    from shared import cli, migrate
-    from shared.auth.service import create_key
-    from shared.db import session_scope
 
-    migrate.upgrade()
-    cli.register_folder(tiny_model, "tiny-llama", source="test")
-    with session_scope() as session:
-        _, secret = create_key(session, "t")
+    secret = make_key("t")
     with TestClient(create_app(), headers={"Authorization": f"Bearer {secret}"}) as client:
         yield client
 

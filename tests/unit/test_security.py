@@ -6,25 +6,20 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from shared.ids import new_id, now
-from tests.support import SAMPLE
+from tests.support import SAMPLE, embedded_in_process
 
 
 @pytest.fixture
 def world(tmp_path, monkeypatch, tiny_model):
     """Tenant A with one of everything (a file, a validating job, a succeeded job with an adapter, checkpoint
     and fine-tuned model, a webhook endpoint); tenant B with nothing; an admin of tenant `ops`."""
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
-        monkeypatch.delenv(key, raising=False)
+    embedded_in_process(monkeypatch, tmp_path / "data", tiny_model)
     from api.app import create_app
-    from shared import cli, migrate
     from shared.auth.service import create_key
     from shared.db import session_scope
     from shared.jobs.models import Checkpoint, Job
     from shared.storage import get_storage
 
-    migrate.upgrade()
-    cli.register_folder(tiny_model, "tiny-llama", source="test")
     with session_scope() as session:
         key_a, secret_a = create_key(session, "tenant-a")
         _, secret_b = create_key(session, "tenant-b")
@@ -244,14 +239,11 @@ def test_storage_keys_never_leave_their_root(tmp_path):
 
 
 def test_dev_makes_the_first_admin_key_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
-        monkeypatch.delenv(key, raising=False)
-    from shared import cli, migrate
+    embedded_in_process(monkeypatch, tmp_path / "data")
+    from shared import cli
     from shared.auth.service import authenticate, list_keys
     from shared.db import session_scope
 
-    migrate.upgrade()
     cli._first_key()
     secret = capsys.readouterr().out.split()[-1]
     cli._first_key()  # a key exists now: nothing new, nothing printed
