@@ -73,6 +73,10 @@ class JobRunner:
     def __init__(self, job_id: str, attempt: int, worker: str, lease: "Lease | None" = None):
         self.job_id, self.attempt, self.worker = job_id, attempt, worker
         self.device_env = lease.environment() if lease is not None else {}
+        self.devices = len(lease.ids) if lease is not None else 1
+        if lease is not None and lease.kind == "cpu" and self.devices > 1:
+            self.device_env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU slots: gloo between the ranks
+        self.pause_refused = False
         self.settings = get_settings()
         self.storage = get_storage()
         self.error: dict | None = None
@@ -171,7 +175,13 @@ class JobRunner:
 
     def run_recipe(self, config: Path, out: Path) -> int:
         python = self.settings.training_python or sys.executable
-        command = [python, "-m", "worker.training", "--config", str(config), "--out", str(out)]
+        recipe = ["-m", "worker.training", "--config", str(config), "--out", str(out)]
+        if self.devices > 1:  # one process per device, trained together by DeepSpeed
+            port = free_port()
+            command = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.devices)]
+            command += ["--master_addr", "127.0.0.1", "--master_port", str(port), *recipe]
+        else:
+            command = [python, *recipe]
         # Own session = own process group: cancel kills the recipe and anything it started, and a
         # Ctrl-C meant for the worker does not reach the recipe first.
         self.process = subprocess.Popen(
@@ -181,6 +191,7 @@ class JobRunner:
             text=True,
             bufsize=1,
             start_new_session=True,
+            preexec_fn=die_with_this_worker,
             env={
                 **os.environ,
                 "PYTHONUNBUFFERED": "1",
@@ -209,12 +220,16 @@ class JobRunner:
                 self.stop_recipe()
             elif SHUTDOWN.is_set() and not self.draining:
                 self.draining = True
-                if self.reporting:
+                if self.reporting and self.devices == 1:
                     self.request_state_save()
                 else:  # still loading: nothing worth saving yet
                     self.stop_recipe()
             elif flags.pause and not self.pausing and self.reporting:  # its handler is in place once it reports
-                self.request_state_save()
+                if self.devices == 1:
+                    self.request_state_save()
+                elif not self.pause_refused:
+                    self.pause_refused = True
+                    execution_event(self, "Pause is not available yet for a job on several devices; it runs on")
         for reader in readers:
             reader.join(timeout=10)
         self._flush_metrics(force=True)
@@ -428,6 +443,22 @@ class RecipeFailed(Exception):
             message = f"the training process exited with code {returncode}" + (f": {last}" if last else "")
         self.param = (error or {}).get("param")
         super().__init__(message)
+
+
+def die_with_this_worker() -> None:
+    """In the child, before it runs: the kernel kills it if this worker dies (torchrun included, whose ranks
+    in turn die with it)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def execution_event(runner: JobRunner, message: str) -> None:

@@ -103,6 +103,7 @@ class JobCreate(BaseModel):
     dry_run: bool = Field(default=False, description="validate and estimate; create no job")
     priority: int = Field(default=0, ge=0, le=9, description="9 runs first; tenant keys are capped (admins: 9)")
     resources: Resources = Field(default_factory=Resources)
+    deepspeed_stage: Literal[2, 3] = Field(default=2, description="ZeRO stage when resources.devices > 1")
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -127,6 +128,7 @@ class JobCreate(BaseModel):
             "packing": self.packing,
             "train_on_inputs": self.train_on_inputs,
             "adapter_selection": self.adapter_selection,
+            "deepspeed_stage": self.deepspeed_stage,
         }
 
 

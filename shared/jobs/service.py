@@ -83,15 +83,6 @@ def create_job(
             param="priority",
         )
     check_capacity(session, request.resources.devices)
-    if request.resources.devices > 1:
-        # Slots, routing and capacity already understand multi-device jobs; the DeepSpeed launch does not
-        # exist yet, and running such a job on one device would not be what was asked for.
-        raise InvalidRequest(
-            "resources.devices > 1 (one job across several devices with DeepSpeed) is not available yet; "
-            "submit with devices: 1 (see docs/scaling.md)",
-            param="resources.devices",
-            code="multi_device_unavailable",
-        )
     check_target_modules(base, request.lora_target_modules)
     training = training_file(session, tenant, request.training_file, "training_file")
     if request.validation_file:

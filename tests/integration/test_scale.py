@@ -129,3 +129,20 @@ def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_m
     started = {r["job_id"]: r["started_at_ms"] for r in usage(env)}
     order = sorted([*big, small], key=started.get)
     assert order.index(small) == 1, f"the small tenant's job started {order.index(small) + 1}th of 5"
+
+
+def test_a_job_on_two_devices_trains_with_deepspeed(production_env, make_stack, tiny_model, tmp_path):
+    env = {**production_env, **SCALE_ENV}
+    stack = make_stack(env, tiny_model, worker=False)
+    stack.start_worker("node", "--cpu-slots", "2")
+    wait_for_workers(stack, 1)
+    file_id = stack.upload(data(tmp_path))["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}
+    job = stack.create_job(**body, resources={"devices": 2}, deepspeed_stage=3)
+    assert job["resources"] == {"devices": 2} and job["training_options"]["deepspeed_stage"] == 3
+    done = stack.wait(job["id"], timeout=400)
+    assert done["status"] == "succeeded", (done["error"], stack.logs())
+    rows = [r for r in usage(env) if r["job_id"] == job["id"]]
+    assert sorted(r["device"] for r in rows) == ["cpu:0", "cpu:1"]  # both slots, one job
+    adapter = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+    assert adapter.status_code == 200 and len(adapter.content) > 1000

@@ -39,6 +39,7 @@ class TrainingConfig(BaseModel):
 
     n_checkpoints: int = Field(default=3, ge=0, le=1000, description="intermediate checkpoints over the run")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="overrides n_checkpoints when set")
+    deepspeed_stage: Literal[2, 3] = Field(default=2, description="ZeRO stage when the job spans several devices")
     checkpoint_every_minutes: float = Field(default=0, ge=0, description="also checkpoint after this long; 0: off")
     n_evals: int = Field(default=5, ge=0, le=1000, description="evaluations over the run (plus one at the end)")
     early_stopping_patience: int | None = Field(default=None, ge=1)

@@ -26,5 +26,7 @@ def die_with_parent() -> None:
     if parent is None or not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if "LOCAL_RANK" in os.environ:
+        return  # a rank under torchrun: it dies with torchrun, which dies with the worker
     if os.getppid() != int(parent):
         os._exit(1)

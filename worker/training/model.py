@@ -11,7 +11,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def quantization_config(quantization: str):
+def quantization_config(quantization: str, quant_storage_compute: bool = False):
     from transformers import BitsAndBytesConfig
 
     if quantization in ("nf4", "fp4"):
@@ -20,18 +20,19 @@ def quantization_config(quantization: str):
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+            **({"bnb_4bit_quant_storage": COMPUTE_DTYPE} if quant_storage_compute else {}),
         )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_base_model(path: Path, quantization: str = "nf4"):
+def load_base_model(path: Path, quantization: str = "nf4", quant_storage_compute: bool = False):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=quantization_config(quantization),
+        quantization_config=quantization_config(quantization, quant_storage_compute),
         dtype=COMPUTE_DTYPE,
         device_map=device(),
         use_safetensors=True,  # weights from the model store only, never pickles

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from shared.datasets.tokenization import ChatTokenizer, Encoded
-from worker.training import control
+from worker.training import control, distributed
 from worker.training import data as chat_data
 from worker.training.config import TrainingConfig
 from worker.training.model import attach_lora, device, load_base_model
@@ -29,6 +29,10 @@ def seed_everything(seed: int) -> None:
 
 
 def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
+    if distributed.active():
+        distributed.init()
+        if distributed.rank() != 0:
+            reporter = distributed.SilentReporter()
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = ChatTokenizer(config.base_model_path)
@@ -41,7 +45,9 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
         train_on_inputs=config.train_on_inputs,
     )
     reporter.event("message", message=f"{len(train_set)} training and {len(valid_set)} validation examples")
-    model = load_base_model(config.base_model_path, config.quantization)
+    # ZeRO-3 partitions parameters, 4-bit ones included: PEFT's DeepSpeed guide stores them in the compute dtype.
+    zero3 = distributed.active() and config.deepspeed_stage == 3
+    model = load_base_model(config.base_model_path, config.quantization, quant_storage_compute=zero3)
     model = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     loop = TrainingLoop(config, model, tokenizer, train_set, valid_set, reporter, out)
     if config.resume_from is not None:
@@ -55,7 +61,8 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     adapter_dir = out / "adapter"
     chosen = loop.deliver(adapter_dir)
     metrics = loop.final_metrics(chosen)
-    write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
+    if distributed.rank() == 0:
+        write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
     reporter.event("done", adapter=str(adapter_dir), trained_tokens=loop.trained_tokens, metrics=metrics)
     return metrics
 
@@ -101,6 +108,15 @@ class TrainingLoop:
         warmup = round(config.warmup_ratio * self.total_steps)
         self.scheduler = lr_schedule(self.optimizer, config.lr_scheduler, warmup, self.total_steps)
         self.checkpoint_every = config.checkpoint_every_steps or interval(self.total_steps, config.n_checkpoints)
+        self.engine = None
+        if distributed.active():
+            # Resumable checkpoints of a multi-rank run (every rank's ZeRO shard) are not built yet.
+            self.checkpoint_every = 0
+            micro_batch = max(1, config.batch_size // distributed.world_size())
+            self.engine, self.optimizer, self.scheduler = distributed.wrap(
+                model, self.optimizer, self.scheduler, trainable, config.deepspeed_stage, micro_batch,
+                config.max_grad_norm,
+            )  # fmt: skip
         self.eval_every = interval(self.total_steps, config.n_evals) if valid_set else 0
         self.global_step = 0
         self.trained_tokens = 0
@@ -181,15 +197,24 @@ class TrainingLoop:
 
     def step(self, batch: list[Encoded], epoch: int) -> None:
         step_started = time.monotonic()
-        inputs = self.inputs(batch)
         self.model.train()
-        output = self.model(**inputs, use_cache=False)  # a cache would defeat packing's block mask
-        output.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:  # several ranks: each its share of the batch; DeepSpeed averages gradients
+            inputs = self.inputs(distributed.shard(batch))
+            output = self.engine(**inputs, use_cache=False)
+            self.engine.backward(output.loss)
+            self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+            grad_norm = self.engine.get_global_grad_norm() or 0.0
+            loss = distributed.mean(float(output.loss.item()))
+        else:
+            inputs = self.inputs(batch)
+            output = self.model(**inputs, use_cache=False)  # a cache would defeat packing's block mask
+            output.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = float(output.loss.item())
         self.global_step += 1
         tokens = sum(len(example.input_ids) for example in batch)
         self.trained_tokens += tokens
@@ -198,7 +223,7 @@ class TrainingLoop:
             "step": self.global_step,
             "total_steps": self.total_steps,
             "epoch": epoch,
-            "train_loss": float(output.loss.item()),
+            "train_loss": loss,
             "train_mean_token_accuracy": token_accuracy(output.logits, inputs["labels"]),
             "learning_rate": learning_rate,
             "grad_norm": float(grad_norm),
@@ -243,7 +268,7 @@ class TrainingLoop:
             self.best = {"step": self.global_step, **metrics}
             self.evals_without_improvement = 0
             if self.config.adapter_selection == "best":
-                save_adapter(self.model, self.out / "best")
+                self.save_adapter(self.out / "best")
         else:
             self.evals_without_improvement += 1
             patience = self.config.early_stopping_patience
@@ -261,7 +286,7 @@ class TrainingLoop:
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             return True
         minutes = self.config.checkpoint_every_minutes
-        return bool(minutes) and time.monotonic() - self.last_checkpoint >= minutes * 60
+        return not self.engine and bool(minutes) and time.monotonic() - self.last_checkpoint >= minutes * 60
 
     def checkpoint(self) -> None:
         """The whole training state (adapter included), so a later attempt can continue from here."""
@@ -286,8 +311,14 @@ class TrainingLoop:
                 shutil.rmtree(adapter_dir)
             shutil.copytree(self.out / "best", adapter_dir)
             return {"selection": "best", **self.best}
-        save_adapter(self.model, adapter_dir)
+        self.save_adapter(adapter_dir)
         return {"selection": "last", "step": self.global_step}
+
+    def save_adapter(self, path: Path) -> None:
+        """Rank 0 writes (the LoRA weights gathered first under ZeRO-3); every rank takes part in the gather."""
+        with distributed.full_parameters(self.trainable, self.config.deepspeed_stage):
+            if distributed.rank() == 0:
+                save_adapter(self.model, path)
 
     def final_metrics(self, chosen: dict) -> dict:
         metrics = {

@@ -1,0 +1,89 @@
+"""One job on several devices: `torchrun --nproc_per_node k` starts k copies of the recipe, which train one
+model together through DeepSpeed (ZeRO-2 by default for QLoRA, ZeRO-3 on request). Each rank takes its share
+of every global batch, so the effective batch is the job's `batch_size` whatever k is; rank 0 reports and
+writes the adapter. On CPU-only nodes the same path runs with DS_ACCELERATOR=cpu and gloo."""
+
+import contextlib
+import os
+
+import torch
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def active() -> bool:
+    return world_size() > 1
+
+
+def init() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def config(stage: int, micro_batch: int, max_grad_norm: float) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": True},
+        "steps_per_print": 10**9,  # the recipe reports; DeepSpeed stays quiet
+    }
+
+
+def wrap(model, optimizer, scheduler, trainable, stage: int, micro_batch: int, max_grad_norm: float):
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=trainable,
+        config=config(stage, micro_batch, max_grad_norm),
+    )
+    return engine, optimizer, scheduler
+
+
+def shard(batch: list) -> list:
+    """This rank's share of a global batch."""
+    return batch[rank() :: world_size()]
+
+
+def mean(value: float) -> float:
+    """The mean of `value` over the ranks (each rank's loss is over its share of the batch)."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / world_size()
+
+
+@contextlib.contextmanager
+def full_parameters(params, stage: int):
+    """Under ZeRO-3 the LoRA weights are partitioned across ranks: gather them to save the adapter."""
+    if active() and stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+            yield
+    else:
+        yield
+
+
+class SilentReporter:
+    """Ranks other than 0 train but do not report."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def event(self, kind: str, **fields) -> None:
+        pass
