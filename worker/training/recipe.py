@@ -307,9 +307,10 @@ class TrainingLoop:
     def deliver(self, adapter_dir: Path) -> dict:
         """Put the chosen adapter in `adapter_dir`; returns which one it is."""
         if self.config.adapter_selection == "best" and self.best is not None:
-            if adapter_dir.exists():
-                shutil.rmtree(adapter_dir)
-            shutil.copytree(self.out / "best", adapter_dir)
+            if distributed.rank() == 0:  # the ranks share this folder: one writer
+                if adapter_dir.exists():
+                    shutil.rmtree(adapter_dir)
+                shutil.copytree(self.out / "best", adapter_dir)
             return {"selection": "best", **self.best}
         self.save_adapter(adapter_dir)
         return {"selection": "last", "step": self.global_step}
