@@ -142,6 +142,16 @@ class Stack:
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s\n{self.logs()}")
 
+    def wait_for_workers(self, count: int, timeout: float = 90) -> list[dict]:
+        """Until `count` workers report their slots in heartbeats (submissions are checked against them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = [w for w in self.client.get("/admin/overview").json()["workers"] if w.get("slots")]
+            if len(workers) >= count:
+                return workers
+            time.sleep(0.3)
+        raise AssertionError(f"fewer than {count} workers reported their slots in {timeout}s\n{self.logs()}")
+
 
 def training_processes(job_id: str) -> list[int]:
     """Pids of recipe processes working on `job_id` (their config lives in a folder named after it)."""

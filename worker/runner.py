@@ -27,6 +27,7 @@ from shared.jobs.service import fine_tuned_model_name
 from shared.settings import get_settings
 from shared.storage import StorageError, download_verified, get_storage, put_verified, with_retries
 from worker.slots import Lease
+from worker.training.control import PAUSE_FILE_ENV
 from worker.training.reporter import parse_line
 
 PAUSED_EXIT_CODE = 3  # worker.training.recipe.PAUSED_EXIT_CODE; importing it would import torch here
@@ -76,7 +77,6 @@ class JobRunner:
         self.devices = len(lease.ids) if lease is not None else 1
         if lease is not None and lease.kind == "cpu" and self.devices > 1:
             self.device_env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU slots: gloo between the ranks
-        self.pause_refused = False
         self.settings = get_settings()
         self.storage = get_storage()
         self.error: dict | None = None
@@ -176,6 +176,7 @@ class JobRunner:
     def run_recipe(self, config: Path, out: Path) -> int:
         python = self.settings.training_python or sys.executable
         recipe = ["-m", "worker.training", "--config", str(config), "--out", str(out)]
+        self.pause_file = out.parent / "pause-requested"
         if self.devices > 1:  # one process per device, trained together by DeepSpeed
             port = free_port()
             command = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.devices)]
@@ -197,6 +198,7 @@ class JobRunner:
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "TUNEQUEUE_PARENT_PID": str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)
+                PAUSE_FILE_ENV: str(self.pause_file),
                 **self.device_env,  # its own devices only
             },
         )
@@ -220,26 +222,23 @@ class JobRunner:
                 self.stop_recipe()
             elif SHUTDOWN.is_set() and not self.draining:
                 self.draining = True
-                if self.reporting and self.devices == 1:
+                if self.reporting:
                     self.request_state_save()
                 else:  # still loading: nothing worth saving yet
                     self.stop_recipe()
-            elif flags.pause and not self.pausing and self.reporting:  # its handler is in place once it reports
-                if self.devices == 1:
-                    self.request_state_save()
-                elif not self.pause_refused:
-                    self.pause_refused = True
-                    execution_event(self, "Pause is not available yet for a job on several devices; it runs on")
+            elif flags.pause and not self.pausing:  # honoured after the recipe's next step
+                self.request_state_save()
         for reader in readers:
             reader.join(timeout=10)
         self._flush_metrics(force=True)
         return self.process.returncode
 
     def request_state_save(self) -> None:
-        """The recipe finishes its step, saves its whole state and exits with PAUSED_EXIT_CODE."""
+        """The recipe (every rank of it) finishes its step, saves its whole state, reports "paused" and exits.
+        A file, not a signal: torchrun would not pass SIGUSR1 on to the ranks."""
         if not self.pausing:
             self.pausing = True
-            os.kill(self.process.pid, signal.SIGUSR1)
+            self.pause_file.touch()
 
     def stop_recipe(self) -> None:
         for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 10)):
@@ -354,7 +353,9 @@ class JobRunner:
                 f"cancelling {self.job_id}",
             )
             return
-        if returncode == PAUSED_EXIT_CODE and self.paused is not None:
+        # One process exits PAUSED_EXIT_CODE after a pause; ranks under torchrun exit 0 (torchrun fails a run
+        # on any other code): the "paused" event without a "done" is what tells.
+        if self.paused is not None and self.done is None and returncode in (PAUSED_EXIT_CODE, 0):
             step, key, sha256 = self.save_state_checkpoint(self.paused, "saved-at-step")
             if self.draining:
                 raise RetryAttempt(f"Worker {self.worker} shut down; its state at step {step} is saved")

@@ -386,3 +386,57 @@ def test_sigterm_checkpoints_and_requeues(make_stack, chaos_env, tiny_model, tmp
     check_steps_continue(stack, inspector, job, saved, attempt=2)
     check_invariants(inspector, [job_id])
     report("SIGTERM to the worker", drained_in_s=round(drained, 1), saved_at_step=saved)
+
+
+def worker_of(stack, job_id: str) -> int:
+    """The worker process running `job_id` (an ancestor of its recipe: under torchrun, the grandparent)."""
+    workers = {p.pid for p in stack.processes}
+    pid = recipe_of(job_id)
+    while pid not in workers:
+        pid = parent_of(pid)
+        assert pid > 1, f"no worker of this stack runs {job_id}"
+    return pid
+
+
+def test_two_device_job_pauses_resumes_and_survives_its_worker(
+    make_stack, chaos_env, tiny_model, tmp_path, inspector
+):
+    """Every rank of a 2-device DeepSpeed job saves its ZeRO shard: a pause, its resume, and a kill -9 of the
+    worker mid-run each continue from the last saved step, on the same or on another 2-slot worker."""
+    stack = make_stack({**chaos_env, "TUNEQUEUE_MAX_ATTEMPTS": "5"}, tiny_model, worker=False)
+    for name in ("node-a", "node-b"):
+        stack.start_worker(name, "--cpu-slots", "2")
+    stack.wait_for_workers(2)
+    job_id = submit(stack, tmp_path, n_epochs=5, resources={"devices": 2})
+    wait_for_checkpoint(inspector, job_id)
+    assert stack.client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
+    paused = wait_for(lambda: inspector.job(job_id)["status"] == "paused" and inspector.job(job_id), 120, "the pause")
+    saved = max(c["step"] for c in inspector.checkpoints(job_id) if c["resumable"])
+    assert training_processes(job_id) == []  # torchrun and both ranks are gone, the slots free
+
+    assert stack.client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").status_code == 200
+    wait_for(
+        lambda: max(c["step"] for c in inspector.checkpoints(job_id) if c["resumable"]) > saved,
+        240,
+        "a checkpoint of the resumed attempt",
+    )
+    assert resumed_step(inspector, job_id, paused["attempt"] + 1) == saved
+    owner = worker_of(stack, job_id)
+    os.kill(owner, signal.SIGKILL)
+    killed = time.monotonic()
+    last = paused["attempt"] + 2
+    wait_for(lambda: inspector.job(job_id)["attempt"] == last, 90, "the attempt after the kill")
+    running_again = time.monotonic() - killed
+    job = stack.wait(job_id, timeout=400)
+    assert job["status"] == "succeeded", (job["error"], stack.logs())
+    assert inspector.job(job_id)["attempt"] == last
+    resumed_at = resumed_step(inspector, job_id, last)
+    assert resumed_at > saved
+    check_steps_continue(stack, inspector, job, resumed_at, attempt=last)
+    check_invariants(inspector, [job_id])
+    report(
+        "2-device ZeRO-2 job: pause, resume, kill -9 its worker",
+        paused_at_step=saved,
+        resumed_after_kill_at_step=resumed_at,
+        running_again_s=round(running_again, 1),
+    )

@@ -29,20 +29,12 @@ def usage(env) -> list[dict]:
     return rows
 
 
-def wait_for_workers(stack, count: int) -> list[dict]:
-    def ready():
-        workers = stack.client.get("/admin/overview").json()["workers"]
-        return workers if len([w for w in workers if w.get("slots")]) >= count else None
-
-    return wait_for(ready, 90, f"{count} workers to report their slots")
-
-
 def test_several_workers_share_jobs_and_never_overcommit_a_slot(production_env, make_stack, tiny_model, tmp_path):
     env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
     for name, slots in (("node-a", "2"), ("node-b", "1"), ("node-c", "1")):
         stack.start_worker(name, "--cpu-slots", slots)
-    workers = wait_for_workers(stack, 3)
+    workers = stack.wait_for_workers(3)
     assert sorted(w["slots"]["total"] for w in workers) == [1, 1, 2]
 
     file_id = stack.upload(data(tmp_path))["id"]
@@ -81,7 +73,7 @@ def test_priorities_order_start_times(production_env, make_stack, tiny_model, tm
     env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
     stack.start_worker("node", "--cpu-slots", "1")
-    wait_for_workers(stack, 1)
+    stack.wait_for_workers(1)
     file_id = stack.upload(data(tmp_path))["id"]
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}}
     blocker = stack.create_job(**{**body, "hyperparameters": {"n_epochs": 8, "batch_size": 4}})["id"]
@@ -109,7 +101,7 @@ def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_m
     env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
     stack.start_worker("node", "--cpu-slots", "1")
-    wait_for_workers(stack, 1)
+    stack.wait_for_workers(1)
     keys = {tenant: {"Authorization": f"Bearer {stack.create_key(tenant)}"} for tenant in ("big", "small")}
 
     def submit(tenant: str) -> str:
@@ -135,7 +127,7 @@ def test_a_job_on_two_devices_trains_with_deepspeed(production_env, make_stack, 
     env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
     stack.start_worker("node", "--cpu-slots", "2")
-    wait_for_workers(stack, 1)
+    stack.wait_for_workers(1)
     file_id = stack.upload(data(tmp_path))["id"]
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}
     job = stack.create_job(**body, resources={"devices": 2}, deepspeed_stage=3)

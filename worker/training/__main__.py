@@ -1,7 +1,9 @@
 """`python -m worker.training --config cfg.json --out DIR`: run the recipe with no service around it.
-Exit codes: 0 done, 2 bad data or config (a user error), 3 paused (SIGUSR1: state saved), 1 anything else."""
+Exit codes: 0 done, 2 bad data or config (a user error), 3 paused (SIGUSR1 or the pause file: state saved;
+a rank under torchrun exits 0 after its "paused" event), 1 anything else."""
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config, args.out, reporter)
     except Paused:
-        return PAUSED_EXIT_CODE
+        # torchrun turns any non-zero exit of a rank into a failure of the whole run: ranks exit 0, and the
+        # worker tells a pause from a finish by the "paused" event instead of "done".
+        return 0 if "LOCAL_RANK" in os.environ else PAUSED_EXIT_CODE
     except DatasetError as exc:
         reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
         return 2

@@ -58,13 +58,35 @@ def shard(batch: list) -> list:
     return batch[rank() :: world_size()]
 
 
+def _collective_device() -> torch.device:
+    """NCCL reduces tensors on the rank's GPU; gloo on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def mean(value: float) -> float:
     """The mean of `value` over the ranks (each rank's loss is over its share of the batch)."""
     if not active():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / world_size()
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag is true on every rank if it is true on one: decisions that make every rank save (a pause, a
+    checkpoint on a timer) are taken together, at the same step, or the collective save would hang."""
+    if not active():
+        return flags
+    tensor = torch.tensor([float(f) for f in flags], device=_collective_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(v) for v in tensor.tolist())
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
 
 
 @contextlib.contextmanager

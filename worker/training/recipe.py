@@ -79,6 +79,20 @@ RESUMED_FIELDS = (
 )
 
 
+DEEPSPEED_STATE = "deepspeed"
+
+
+def _load_trainable(src: dict, dst) -> None:
+    """The module half of a DeepSpeed checkpoint holds the trainable (LoRA) weights, not the frozen 4-bit base
+    (never saved). Under ZeRO-3 they are partitioned and come back from each rank's fp32 master shard instead."""
+    trainable = {name for name, param in dst.named_parameters() if param.requires_grad}
+    dst.load_state_dict({name: value for name, value in src.items() if name in trainable}, strict=False)
+
+
+def _keep_module(src: dict, dst) -> None:
+    """ZeRO-3: nothing to load into the module here (see `_load_trainable`)."""
+
+
 class Paused(Exception):
     """Raised after the state is saved; the process then exits with PAUSED_EXIT_CODE."""
 
@@ -110,8 +124,6 @@ class TrainingLoop:
         self.checkpoint_every = config.checkpoint_every_steps or interval(self.total_steps, config.n_checkpoints)
         self.engine = None
         if distributed.active():
-            # Resumable checkpoints of a multi-rank run (every rank's ZeRO shard) are not built yet.
-            self.checkpoint_every = 0
             micro_batch = max(1, config.batch_size // distributed.world_size())
             self.engine, self.optimizer, self.scheduler = distributed.wrap(
                 model, self.optimizer, self.scheduler, trainable, config.deepspeed_stage, micro_batch,
@@ -146,43 +158,68 @@ class TrainingLoop:
                 self.batch_index = index + 1
                 if self.stopped_early:
                     return
-                if self.checkpoint_due():  # after the data position moved on: a resume starts at the next batch
+                # After the data position moved on: a resume starts at the next batch.
+                checkpoint_now, pause_now = self.decide()
+                if checkpoint_now:
                     self.checkpoint()
-                if control.pause_requested.is_set() and not self.finished:
+                if pause_now:
                     self.save_state(self.out / "resume")
                     raise Paused(self.global_step)
             self.batch_index = 0
 
     def save_state(self, folder: Path) -> None:
-        """Everything needed to continue exactly here: adapter, optimizer, schedule, RNG, data position."""
+        """Everything needed to continue exactly here: adapter, optimizer, schedule, RNG, data position.
+        On several ranks every rank saves its own ZeRO shard of the optimizer (and its RNG) into the folder."""
         self.elapsed_before = time.monotonic() - self.started
-        save_adapter(self.model, folder / "adapter")
-        if (self.out / "best").exists():
-            shutil.copytree(self.out / "best", folder / "best", dirs_exist_ok=True)
+        self.save_adapter(folder / "adapter")
         state = {name: getattr(self, name) for name in RESUMED_FIELDS}
-        state.update(
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            torch_rng=torch.get_rng_state(),
-            python_rng=random.getstate(),
-        )
-        torch.save(state, folder / "state.pt")
+        rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if distributed.rank() == 0:
+            if (self.out / "best").exists():
+                shutil.copytree(self.out / "best", folder / "best", dirs_exist_ok=True)
+        if self.engine is None:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), **rng)
+            torch.save(state, folder / "state.pt")
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rng, folder / f"rng-rank-{distributed.rank()}.pt")
+        if distributed.rank() == 0:
+            torch.save({**state, "world_size": distributed.world_size()}, folder / "state.pt")
+        # Optimizer shards, fp32 master weights and the schedule; the frozen 4-bit base is not saved.
+        self.engine.save_checkpoint(
+            str(folder / DEEPSPEED_STATE), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )  # ends with a barrier: when rank 0 reports the folder, every rank's files are in it
 
     def load_state(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(self.model, load_file(folder / "adapter" / "adapter_model.safetensors"))
         # weights_only: tensors and plain values, no pickled code, even from our own verified checkpoint
         state = torch.load(folder / "state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scheduler.load_state_dict(state.pop("scheduler"))
-        torch.set_rng_state(state.pop("torch_rng"))
-        random.setstate(state.pop("python_rng"))
-        for name, value in state.items():
-            setattr(self, name, value)
-        if (folder / "best").exists():
+        if self.engine is None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+            self.optimizer.load_state_dict(state.pop("optimizer"))
+            self.scheduler.load_state_dict(state.pop("scheduler"))
+            rng = state
+        else:
+            saved_by = state.pop("world_size", 1)
+            if saved_by != distributed.world_size() or not (folder / DEEPSPEED_STATE).is_dir():
+                raise ValueError(
+                    f"this checkpoint was saved by a run on {saved_by} device(s); it resumes only on as many"
+                )
+            # DeepSpeed loads its files with weights_only=False: this checkpoint's sha256 was checked first.
+            load_module = _keep_module if self.config.deepspeed_stage == 3 else _load_trainable
+            self.engine.load_checkpoint(
+                str(folder / DEEPSPEED_STATE), tag="state", load_module_strict=False, custom_load_fn=load_module
+            )
+            rng = torch.load(folder / f"rng-rank-{distributed.rank()}.pt", weights_only=True)
+        torch.set_rng_state(rng.pop("torch_rng"))
+        random.setstate(rng.pop("python_rng"))
+        for name in RESUMED_FIELDS:
+            setattr(self, name, state[name])
+        if (folder / "best").exists() and distributed.rank() == 0:
             shutil.copytree(folder / "best", self.out / "best", dirs_exist_ok=True)
+        distributed.barrier()
         self.started = time.monotonic() - self.elapsed_before
 
     def inputs(self, batch: list[Encoded]) -> dict:
@@ -280,13 +317,14 @@ class TrainingLoop:
                     f"{patience} evaluation(s) since step {self.best['step']}",
                 )
 
-    def checkpoint_due(self) -> bool:
-        if self.finished:
-            return False
-        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
-            return True
+    def decide(self) -> tuple[bool, bool]:
+        """(checkpoint now, pause now), the same on every rank."""
         minutes = self.config.checkpoint_every_minutes
-        return not self.engine and bool(minutes) and time.monotonic() - self.last_checkpoint >= minutes * 60
+        timer = bool(minutes) and time.monotonic() - self.last_checkpoint >= minutes * 60
+        timer, pause = distributed.any_rank(timer, control.pause_is_requested())
+        if self.finished:
+            return False, False
+        return timer or bool(self.checkpoint_every and self.global_step % self.checkpoint_every == 0), pause
 
     def checkpoint(self) -> None:
         """The whole training state (adapter included), so a later attempt can continue from here."""

@@ -1,0 +1,84 @@
+"""A job on two processes checkpoints every rank's ZeRO shard: a pause (the worker's pause file; torchrun does
+not pass signals on) and a periodic checkpoint both resume onto the uninterrupted run's loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, free_port
+from tests.unit.test_multidevice import run_distributed
+from tests.unit.test_recipe import metrics_of, parrot
+from worker.training.reporter import parse_line
+
+pytest.importorskip("deepspeed")
+
+
+def losses(events: list[dict]) -> list[float]:
+    return [m["train_loss"] for m in metrics_of(events)]
+
+
+def run_until_paused(tmp_path, config: dict, name: str, pause_at: int) -> tuple[int, list[dict]]:
+    """Start a 2-process run and create its pause file once step `pause_at` is reported."""
+    path, pause_file = tmp_path / f"{name}.json", tmp_path / f"{name}.pause"
+    path.write_text(json.dumps(config))
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "TUNEQUEUE_PAUSE_FILE": str(pause_file)},
+    )  # fmt: skip
+    events = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        event = parse_line(line)
+        if event is None:
+            continue
+        events.append(event)
+        if event["event"] == "metrics" and event["step"] == pause_at:
+            pause_file.touch()
+    return process.wait(timeout=600), events
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_pause_and_checkpoints_of_two_processes_resume_on_the_same_curve(tmp_path, tiny_model, stage):
+    config = {
+        "base_model_path": str(tiny_model),
+        "train_file": str(parrot(tmp_path, n=40)),
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 5e-3,
+        "checkpoint_every_steps": 4,
+        "seed": 3,
+        "packing": False,
+        "deepspeed_stage": stage,
+    }
+    code, events, _ = run_distributed(tmp_path, config, "straight")
+    assert code == 0, events
+    straight = losses(events)
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saved] == [4, 8]
+    shards = sorted(p.name for p in (tmp_path / "straight/checkpoints/step-4/deepspeed/state").iterdir())
+    assert sum("optim_states" in name for name in shards) == 2, shards  # one ZeRO shard per rank
+
+    code, first = run_until_paused(tmp_path, config, "paused", pause_at=2)
+    paused = next(e for e in first if e["event"] == "paused")
+    assert code == 0 and not any(e["event"] == "done" for e in first)
+    assert paused["step"] == metrics_of(first)[-1]["step"] >= 2
+
+    code, rest, _ = run_distributed(tmp_path, {**config, "resume_from": paused["path"]}, "resumed")
+    assert code == 0, rest
+    assert metrics_of(rest)[0]["step"] == paused["step"] + 1
+    # bf16 weights between steps: a resumed run follows the same curve to within bf16 rounding
+    assert losses(first) + losses(rest) == pytest.approx(straight, abs=2e-3)
+
+    checkpoint = tmp_path / "straight/checkpoints/step-8"
+    code, tail, _ = run_distributed(tmp_path, {**config, "resume_from": str(checkpoint)}, "from-step-8")
+    assert code == 0, tail
+    assert losses(tail) == pytest.approx(straight[8:], abs=2e-3)
+    assert (tmp_path / "from-step-8/adapter/adapter_model.safetensors").is_file()
