@@ -74,11 +74,17 @@ def test_pause_and_checkpoints_of_two_processes_resume_on_the_same_curve(tmp_pat
     code, rest, _ = run_distributed(tmp_path, {**config, "resume_from": paused["path"]}, "resumed")
     assert code == 0, rest
     assert metrics_of(rest)[0]["step"] == paused["step"] + 1
-    # bf16 weights between steps: a resumed run follows the same curve to within bf16 rounding
-    assert losses(first) + losses(rest) == pytest.approx(straight, abs=2e-3)
+    # fp32 master weights, AdamW moments, schedule and RNG all come back: the same curve (measured: exactly)
+    assert losses(first) + losses(rest) == pytest.approx(straight, abs=1e-4)
 
     checkpoint = tmp_path / "straight/checkpoints/step-8"
     code, tail, _ = run_distributed(tmp_path, {**config, "resume_from": str(checkpoint)}, "from-step-8")
     assert code == 0, tail
-    assert losses(tail) == pytest.approx(straight[8:], abs=2e-3)
+    assert losses(tail) == pytest.approx(straight[8:], abs=1e-4)
     assert (tmp_path / "from-step-8/adapter/adapter_model.safetensors").is_file()
+    gap = max(abs(a - b) for a, b in zip(losses(first) + losses(rest), straight, strict=True))
+    print(
+        f"\nZeRO-{stage}: straight {[round(x, 4) for x in straight]}\n  paused at step {paused['step']}, resumed: "
+        f"{[round(x, 4) for x in losses(first) + losses(rest)]} (largest gap {gap:.5f})\n  from step 8: "
+        f"{[round(x, 4) for x in losses(tail)]}"
+    )
