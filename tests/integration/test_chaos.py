@@ -398,9 +398,7 @@ def worker_of(stack, job_id: str) -> int:
     return pid
 
 
-def test_two_device_job_pauses_resumes_and_survives_its_worker(
-    make_stack, chaos_env, tiny_model, tmp_path, inspector
-):
+def test_two_device_job_pauses_resumes_and_survives_its_worker(make_stack, chaos_env, tiny_model, tmp_path, inspector):
     """Every rank of a 2-device DeepSpeed job saves its ZeRO shard: a pause, its resume, and a kill -9 of the
     worker mid-run each continue from the last saved step, on the same or on another 2-slot worker."""
     stack = make_stack({**chaos_env, "TUNEQUEUE_MAX_ATTEMPTS": "5"}, tiny_model, worker=False)

@@ -16,16 +16,21 @@ from worker.training.reporter import parse_line
 pytest.importorskip("deepspeed")
 
 
-def run_distributed(tmp_path, config: dict, name: str, processes: int = 2) -> tuple[int, list[dict], float]:
+def torchrun(tmp_path, config: dict, name: str, processes: int = 2) -> list[str]:
+    """The command the worker runs for a job on `processes` devices (run with DS_ACCELERATOR=cpu here)."""
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(free_port()), "-m", "worker.training", "--config", str(path),
+        "--out", str(tmp_path / name),
+    ]  # fmt: skip
+
+
+def run_distributed(tmp_path, config: dict, name: str, processes: int = 2) -> tuple[int, list[dict], float]:
     started = time.monotonic()
     result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", str(free_port()), "-m", "worker.training", "--config", str(path),
-            "--out", str(tmp_path / name),
-        ],
+        torchrun(tmp_path, config, name, processes),
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"},
     )  # fmt: skip
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
@@ -33,9 +38,9 @@ def run_distributed(tmp_path, config: dict, name: str, processes: int = 2) -> tu
     return result.returncode, events, time.monotonic() - started
 
 
-@pytest.mark.timeout(900)
-def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_model):
-    config = {
+def tiny_job(tmp_path, tiny_model, **overrides) -> dict:
+    """10 steps of batch 8: big enough to split over two ranks, small enough to run several times."""
+    return {
         "base_model_path": str(tiny_model),
         "train_file": str(parrot(tmp_path, n=40)),
         "n_epochs": 2,
@@ -45,7 +50,13 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_model):
         "seed": 3,
         "dataset_sha256": "abc",
         "packing": False,
+        **overrides,
     }
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_model):
+    config = tiny_job(tmp_path, tiny_model)
     started = time.monotonic()
     code, single = run_recipe(tmp_path, config, "one")
     one_seconds = time.monotonic() - started

@@ -1,16 +1,14 @@
 """A job on two processes checkpoints every rank's ZeRO shard: a pause (the worker's pause file; torchrun does
 not pass signals on) and a periodic checkpoint both resume onto the uninterrupted run's loss curve."""
 
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.support import ROOT, free_port
-from tests.unit.test_multidevice import run_distributed
-from tests.unit.test_recipe import metrics_of, parrot
+from tests.support import ROOT
+from tests.unit.test_multidevice import run_distributed, tiny_job, torchrun
+from tests.unit.test_recipe import metrics_of
 from worker.training.reporter import parse_line
 
 pytest.importorskip("deepspeed")
@@ -22,14 +20,9 @@ def losses(events: list[dict]) -> list[float]:
 
 def run_until_paused(tmp_path, config: dict, name: str, pause_at: int) -> tuple[int, list[dict]]:
     """Start a 2-process run and create its pause file once step `pause_at` is reported."""
-    path, pause_file = tmp_path / f"{name}.json", tmp_path / f"{name}.pause"
-    path.write_text(json.dumps(config))
+    pause_file = tmp_path / f"{name}.pause"
     process = subprocess.Popen(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name),
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        torchrun(tmp_path, config, name), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "TUNEQUEUE_PAUSE_FILE": str(pause_file)},
     )  # fmt: skip
     events = []
@@ -47,17 +40,7 @@ def run_until_paused(tmp_path, config: dict, name: str, pause_at: int) -> tuple[
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_pause_and_checkpoints_of_two_processes_resume_on_the_same_curve(tmp_path, tiny_model, stage):
-    config = {
-        "base_model_path": str(tiny_model),
-        "train_file": str(parrot(tmp_path, n=40)),
-        "n_epochs": 2,
-        "batch_size": 8,
-        "learning_rate": 5e-3,
-        "checkpoint_every_steps": 4,
-        "seed": 3,
-        "packing": False,
-        "deepspeed_stage": stage,
-    }
+    config = tiny_job(tmp_path, tiny_model, checkpoint_every_steps=4, deepspeed_stage=stage)
     code, events, _ = run_distributed(tmp_path, config, "straight")
     assert code == 0, events
     straight = losses(events)
