@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from worker.training.model import compute_dtype
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -35,7 +37,7 @@ def config(stage: int, micro_batch: int, max_grad_norm: float) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": max_grad_norm,
         "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": compute_dtype() == torch.bfloat16},  # else float32, like the model
         "steps_per_print": 10**9,  # the recipe reports; DeepSpeed stays quiet
     }
 

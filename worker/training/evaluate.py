@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from worker.training import data as chat_data
-from worker.training.model import COMPUTE_DTYPE, load_tokenizer
+from worker.training.model import compute_dtype, load_tokenizer
 
 
 def load_for_inference(base: Path, adapter: Path | None):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=COMPUTE_DTYPE, use_safetensors=True, trust_remote_code=False
+        base, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=False
     )
     if adapter is not None:
         from peft import PeftModel

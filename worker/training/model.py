@@ -4,7 +4,16 @@ from pathlib import Path
 
 import torch
 
-COMPUTE_DTYPE = torch.bfloat16  # bf16 compute on GPUs and on CPUs with avx512_bf16/AMX
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the hardware computes in it (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), float32
+    elsewhere: on a CPU without them (an AVX2-only EPYC, say) PyTorch runs bf16 matmuls in a reference kernel,
+    measured ~30x slower than float32 here (`docs/BENCHMARKS.md`). The LoRA result is the same recipe either way."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def device() -> str:
@@ -19,8 +28,8 @@ def quantization_config(quantization: str, quant_storage_compute: bool = False):
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
-            **({"bnb_4bit_quant_storage": COMPUTE_DTYPE} if quant_storage_compute else {}),
+            bnb_4bit_compute_dtype=compute_dtype(),
+            **({"bnb_4bit_quant_storage": compute_dtype()} if quant_storage_compute else {}),
         )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -33,7 +42,7 @@ def load_base_model(path: Path, quantization: str = "nf4", quant_storage_compute
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(quantization, quant_storage_compute),
-        dtype=COMPUTE_DTYPE,
+        dtype=compute_dtype(),
         device_map=device(),
         use_safetensors=True,  # weights from the model store only, never pickles
         trust_remote_code=False,  # and never code shipped with a model

@@ -17,7 +17,7 @@ from shared.datasets.tokenization import ChatTokenizer, Encoded
 from worker.training import control, distributed
 from worker.training import data as chat_data
 from worker.training.config import TrainingConfig
-from worker.training.model import attach_lora, device, load_base_model
+from worker.training.model import attach_lora, compute_dtype, device, load_base_model
 from worker.training.reporter import Reporter
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "tunequeue")
@@ -44,7 +44,11 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
         seed=config.seed,
         train_on_inputs=config.train_on_inputs,
     )
-    reporter.event("message", message=f"{len(train_set)} training and {len(valid_set)} validation examples")
+    reporter.event(
+        "message",
+        message=f"{len(train_set)} training and {len(valid_set)} validation examples; computing in "
+        f"{str(compute_dtype()).removeprefix('torch.')} on {device()}",
+    )
     # ZeRO-3 partitions parameters, 4-bit ones included: PEFT's DeepSpeed guide stores them in the compute dtype.
     zero3 = distributed.active() and config.deepspeed_stage == 3
     model = load_base_model(config.base_model_path, config.quantization, quant_storage_compute=zero3)
@@ -444,6 +448,7 @@ def write_manifest(
         "metrics": metrics,
         "libraries": library_versions(),
         "device": device(),
+        "compute_dtype": str(compute_dtype()).removeprefix("torch."),
         "created_at": int(time.time()),
     }
     (adapter_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
