@@ -29,6 +29,14 @@ def usage(env) -> list[dict]:
     return rows
 
 
+def one_node(make_stack, env: dict, tiny_model, slots: str):
+    """A stack with one worker of `slots` CPU slots, registered (submissions are checked against it)."""
+    stack = make_stack(env, tiny_model, worker=False)
+    stack.start_worker("node", "--cpu-slots", slots)
+    stack.wait_for_workers(1)
+    return stack
+
+
 def test_several_workers_share_jobs_and_never_overcommit_a_slot(production_env, make_stack, tiny_model, tmp_path):
     env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
@@ -71,9 +79,7 @@ def test_several_workers_share_jobs_and_never_overcommit_a_slot(production_env, 
 
 def test_priorities_order_start_times(production_env, make_stack, tiny_model, tmp_path):
     env = {**production_env, **SCALE_ENV}
-    stack = make_stack(env, tiny_model, worker=False)
-    stack.start_worker("node", "--cpu-slots", "1")
-    stack.wait_for_workers(1)
+    stack = one_node(make_stack, env, tiny_model, "1")
     file_id = stack.upload(data(tmp_path))["id"]
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}}
     blocker = stack.create_job(**{**body, "hyperparameters": {"n_epochs": 8, "batch_size": 4}})["id"]
@@ -99,9 +105,7 @@ def test_priorities_order_start_times(production_env, make_stack, tiny_model, tm
 
 def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_model, tmp_path):
     env = {**production_env, **SCALE_ENV}
-    stack = make_stack(env, tiny_model, worker=False)
-    stack.start_worker("node", "--cpu-slots", "1")
-    stack.wait_for_workers(1)
+    stack = one_node(make_stack, env, tiny_model, "1")
     keys = {tenant: {"Authorization": f"Bearer {stack.create_key(tenant)}"} for tenant in ("big", "small")}
 
     def submit(tenant: str) -> str:
@@ -125,9 +129,7 @@ def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_m
 
 def test_a_job_on_two_devices_trains_with_deepspeed(production_env, make_stack, tiny_model, tmp_path):
     env = {**production_env, **SCALE_ENV}
-    stack = make_stack(env, tiny_model, worker=False)
-    stack.start_worker("node", "--cpu-slots", "2")
-    stack.wait_for_workers(1)
+    stack = one_node(make_stack, env, tiny_model, "2")
     file_id = stack.upload(data(tmp_path))["id"]
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}
     job = stack.create_job(**body, resources={"devices": 2}, deepspeed_stage=3)
