@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(PY) -m shared.cli dev
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not e2e"

@@ -41,8 +41,16 @@ def run_until_paused(tmp_path, config: dict, name: str, pause_at: int) -> tuple[
 @pytest.mark.parametrize("stage", [2, 3])
 def test_pause_and_checkpoints_of_two_processes_resume_on_the_same_curve(tmp_path, tiny_model, stage):
     config = tiny_job(tmp_path, tiny_model, checkpoint_every_steps=4, deepspeed_stage=stage)
+    # A folder left at a checkpoint's path is cleared by one rank, before any rank writes into it (when every rank
+    # cleared it, one rank could delete another's fresh files: a FileNotFoundError seen once in CI).
+    stale = tmp_path / "straight/checkpoints/step-4/left-by-an-earlier-save"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
     code, events, _ = run_distributed(tmp_path, config, "straight")
     assert code == 0, events
+    assert not stale.exists()
+    step4 = {p.name for p in stale.parent.iterdir()}
+    assert {"adapter", "state.pt", "rng-rank-0.pt", "rng-rank-1.pt", "deepspeed"} <= step4, step4
     straight = losses(events)
     saved = [e for e in events if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [4, 8]

@@ -333,8 +333,11 @@ class TrainingLoop:
     def checkpoint(self) -> None:
         """The whole training state (adapter included), so a later attempt can continue from here."""
         path = self.out / "checkpoints" / f"step-{self.global_step}"
-        if path.exists():
+        if distributed.rank() == 0 and path.exists():
             shutil.rmtree(path)
+        # The ranks share the folder: none writes into it before a stale one is gone (or it could delete the
+        # files another rank has just written).
+        distributed.barrier()
         self.save_state(path)
         self.last_checkpoint = time.monotonic()
         self.reporter.event("checkpoint", step=self.global_step, path=str(path), metrics=self.checkpoint_metrics())
