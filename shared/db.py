@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from shared.settings import get_settings
@@ -24,12 +24,30 @@ class Base(DeclarativeBase):
     pass
 
 
-def make_engine(url: str) -> Engine:
+# Set in worker processes (`for_workers`): Postgres ends their transactions left idle this long.
+_IDLE_TRANSACTION_SECONDS: list[float] = []
+
+
+def make_engine(url: str, idle_transaction_seconds: float = 0) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    connect_args = {}
+    if idle_transaction_seconds > 0:
+        timeout_ms = int(idle_transaction_seconds * 1000)
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args)
+
+
+def for_workers() -> None:
+    """A worker's transactions are short. If the worker freezes inside one (SIGSTOP, a paused VM), the row
+    locks it holds would block the sweeper of every other worker from taking its jobs over, for as long as
+    it stays frozen. Postgres ends such a transaction after `worker_idle_transaction_seconds`. The API does
+    not get this, because an upload streams to storage inside its request's transaction."""
+    _IDLE_TRANSACTION_SECONDS[:] = [get_settings().worker_idle_transaction_seconds]
+    get_sessionmaker.cache_clear()
+    get_engine.cache_clear()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -44,7 +62,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().resolved_database_url)
+    return make_engine(get_settings().resolved_database_url, *_IDLE_TRANSACTION_SECONDS)
 
 
 @lru_cache
@@ -87,6 +105,15 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
+IDLE_TRANSACTION_ENDED = "25P03"  # Postgres ended a transaction left idle too long (`for_workers`)
+
+
+def _connection_lost(exc: DBAPIError) -> bool:
+    return isinstance(exc, (OperationalError, InterfaceError)) or getattr(exc.orig, "sqlstate", None) == (
+        IDLE_TRANSACTION_ENDED
+    )
+
+
 def retrying(action: Callable[[Session], T], what: str, deadline_seconds: float = 300) -> T:
     """Run `action` in its own transaction, and run it again while the database is unreachable (a restart, a
     failover) for up to `deadline_seconds`. For a worker's writes: training goes on meanwhile, and the writes
@@ -96,8 +123,8 @@ def retrying(action: Callable[[Session], T], what: str, deadline_seconds: float 
         try:
             with session_scope() as session:
                 return action(session)
-        except (OperationalError, InterfaceError) as exc:
-            if time.monotonic() - started > deadline_seconds:
+        except DBAPIError as exc:
+            if not _connection_lost(exc) or time.monotonic() - started > deadline_seconds:
                 raise
             log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
             time.sleep(delay)

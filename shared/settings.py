@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     checkpoint_every_minutes: float = Field(default=30.0, description="Most minutes between checkpoints; 0: off")
     lease_seconds: float = Field(default=60.0, description="A running job's lease; renewed by its worker")
     sweep_seconds: float = Field(default=15.0, description="How often each worker reaps leases and republishes")
+    worker_idle_transaction_seconds: float = Field(
+        default=60.0,
+        description="Postgres ends a worker's transaction left idle this long, so that a frozen worker's row "
+        "locks cannot block the takeover of its jobs; 0: off",
+    )
     republish_after_seconds: float = Field(default=60.0, description="Queued this long with no message: publish")
     max_attempts: int = Field(default=3, description="Attempts per job before it fails with worker_lost")
     storage_retries: int = Field(default=5, description="Tries for each object-storage write or read")

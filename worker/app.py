@@ -6,7 +6,7 @@ import threading
 
 from celery import signals
 
-from shared.db import session_scope
+from shared.db import for_workers, session_scope
 from shared.ids import now
 from shared.jobs.recovery import sweep
 from shared.queue import check_long_job_config
@@ -56,6 +56,7 @@ def _sweep_loop() -> None:
 
 @signals.worker_init.connect
 def _refuse_unsafe_config(**_):
+    for_workers()
     problems = check_long_job_config(app.conf)
     if problems:
         raise RuntimeError("unsafe Celery configuration for training jobs: " + "; ".join(problems))

@@ -29,6 +29,8 @@ CHAOS_ENV = {
     "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "5",
     "TUNEQUEUE_MAX_ATTEMPTS": "3",
     "TUNEQUEUE_HEARTBEAT_SECONDS": "1",
+    # A worker frozen inside a transaction holds the job's row lock until Postgres ends it (60 s in production).
+    "TUNEQUEUE_WORKER_IDLE_TRANSACTION_SECONDS": "15",
 }
 
 

@@ -2,6 +2,7 @@
 dead worker took): a job whose message is gone is published again, a job whose lease expired is requeued or,
 past max_attempts, failed with worker_lost — and a worker started afterwards finishes the requeued job."""
 
+import pytest
 from sqlalchemy import text
 
 from shared import db, queue, settings, storage
@@ -80,3 +81,40 @@ def test_lost_messages_and_expired_leases_on_embedded_defaults(
     stack.start_worker()
     job = stack.wait(job_id, timeout=300)
     assert job["status"] == state.SUCCEEDED, (job["error"], stack.logs())
+
+
+def test_postgres_ends_the_transaction_of_a_frozen_worker(postgres_url, monkeypatch):
+    """A worker frozen (SIGSTOP) inside a transaction holds its job row's lock: the other workers' sweepers
+    could not requeue the job until it woke. Worker connections ask Postgres to end such a transaction."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    use_env(monkeypatch, {"TUNEQUEUE_DATABASE_URL": postgres_url, "TUNEQUEUE_WORKER_IDLE_TRANSACTION_SECONDS": "1"})
+    other = db.make_engine(postgres_url)
+    with other.begin() as connection:
+        connection.execute(text("CREATE TABLE lock_probe (id int PRIMARY KEY, attempt int)"))
+        connection.execute(text("INSERT INTO lock_probe VALUES (1, 1)"))
+
+    def frozen_holder(engine):
+        held = engine.connect()
+        held.begin()
+        held.execute(text("SELECT * FROM lock_probe WHERE id = 1 FOR UPDATE"))
+        return held  # and then no statement: frozen
+
+    def requeue(lock_timeout: str) -> None:
+        with other.begin() as connection:
+            connection.execute(text(f"SET LOCAL lock_timeout = '{lock_timeout}'"))
+            connection.execute(text("UPDATE lock_probe SET attempt = attempt + 1 WHERE id = 1"))
+
+    api_like = frozen_holder(db.make_engine(postgres_url))  # no idle limit: the row stays locked
+    with pytest.raises(OperationalError, match="lock timeout"):
+        requeue("2s")
+    api_like.close()
+
+    db.for_workers()
+    worker = frozen_holder(db.get_engine())
+    requeue("10s")  # waits until Postgres ends the worker's idle transaction, about 1 s
+    with pytest.raises(DBAPIError, match="idle-in-transaction timeout") as ended:
+        worker.execute(text("SELECT 1"))  # the frozen worker, once awake, finds its transaction gone
+    assert db._connection_lost(ended.value)  # `retrying` runs its write again on a fresh connection
+    with other.connect() as connection:
+        assert connection.scalar(text("SELECT attempt FROM lock_probe")) == 2
