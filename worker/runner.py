@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 import zipfile
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.basemodels.service import ensure_local_copy, get_base_model
@@ -23,17 +25,28 @@ from shared.files.models import File
 from shared.files.service import create_result_file
 from shared.jobs import execution, state
 from shared.jobs.models import Job
-from shared.jobs.service import fine_tuned_model_name
+from shared.jobs.service import ATTEMPT_LOG, attempt_prefix, fine_tuned_model_name
 from shared.settings import get_settings
-from shared.storage import StorageError, download_verified, get_storage, put_verified, with_retries
+from shared.storage import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    StorageError,
+    download_verified,
+    get_storage,
+    put_verified,
+    with_retries,
+)
 from worker.slots import Lease
 from worker.training.control import PAUSE_FILE_ENV
+from worker.training.disk_space import is_disk_full
 from worker.training.reporter import parse_line
 
 PAUSED_EXIT_CODE = 3  # worker.training.recipe.PAUSED_EXIT_CODE; importing it would import torch here
 
 log = logging.getLogger("tunequeue.worker")
 STOP_GRACE_SECONDS = 5
+STDERR_TAIL_LINES = 200  # torchrun's failure report alone is ~30 lines; the failing rank's lines come before it
+LOG_MAX_BYTES = 8 * 2**20
 # Set when the worker is asked to shut down (SIGTERM): running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
 
@@ -79,12 +92,15 @@ class JobRunner:
             self.device_env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU slots: gloo between the ranks
         self.settings = get_settings()
         self.storage = get_storage()
-        self.error: dict | None = None
         self.done: dict | None = None
         self.metrics_rows: list[dict] = []
         self.paused: dict | None = None
         self.reporting = False
-        self.stderr_tail: deque[str] = deque(maxlen=40)
+        self.errors: list[dict] = []  # under torchrun every failing rank reports; the first is the cause
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.last_step = 0
+        self.log_lock = threading.Lock()
+        self.log_file: io.TextIOBase | None = None
         self._last_metrics_write = 0.0
         self._pending_metrics: dict | None = None
         self.cancelled = self.pausing = self.draining = False
@@ -93,7 +109,7 @@ class JobRunner:
     @property
     def prefix(self) -> str:
         """Every object this attempt writes lives under its own prefix; only a fenced DB write promotes one."""
-        return f"tenants/{self.tenant}/jobs/{self.job_id}/attempt-{self.attempt}"
+        return attempt_prefix(self.tenant, self.job_id, self.attempt)
 
     def run(self) -> None:
         self.lease.start()
@@ -110,6 +126,14 @@ class JobRunner:
                     raise RetryAttempt(f"Worker {self.worker} is shutting down")
                 returncode = self.run_recipe(config, workdir / "out")
                 self.finish(returncode, workdir)
+        except (OSError, StorageError, RetryAttempt) as exc:
+            # This worker's own writes (downloads into scratch or the model cache, a checkpoint's metrics) found
+            # its disk full: the node's fault, not the job's, whichever wrapper it reached us in.
+            if not is_disk_full(exc) or getattr(exc, "code", None) == "disk_full":
+                raise
+            raise RetryAttempt(
+                f"Attempt {self.attempt}: no space left on the disk of worker {self.worker}: {exc}", "disk_full"
+            ) from exc
         finally:
             self.lease.stop()
 
@@ -121,8 +145,10 @@ class JobRunner:
             files = {"train": session.get(File, job.training_file)}
             if job.validation_file:
                 files["validation"] = session.get(File, job.validation_file)
-            checkpoint = execution.newest_resumable_checkpoint(session, self.job_id)
-            resume = (checkpoint.storage_key, checkpoint.sha256, checkpoint.step) if checkpoint else None
+            candidates = [
+                ResumeCandidate(c.id, c.storage_key, c.sha256, c.step)
+                for c in execution.resumable_checkpoints(session, self.job_id)
+            ]
             tenant, model_id, options, hyper, seed = (
                 job.tenant,
                 job.model,
@@ -141,7 +167,7 @@ class JobRunner:
         for name, (key, sha256) in sources.items():
             paths[name] = workdir / f"{name}.jsonl"
             download_verified(self.storage, key, paths[name], sha256, tries)
-        resume_from = self.fetch_resume_state(workdir, *resume) if resume else None
+        resume_from = self.fetch_resume_state(workdir, candidates) if candidates else None
         recipe_hyperparameters = {k: v for k, v in hyper.items() if k != "learning_rate_multiplier"}
         config = {
             "base_model_path": str(model_path),
@@ -162,16 +188,41 @@ class JobRunner:
         path.write_text(json.dumps(config, indent=2))
         return path
 
-    def fetch_resume_state(self, workdir: Path, key: str, sha256: str, step: int) -> Path:
-        """The newest checkpoint with full training state, loaded only if its sha256 is the one in the DB."""
-        archive = workdir / "resume.zip"
-        download_verified(self.storage, key, archive, sha256, self.settings.storage_retries)
-        folder = workdir / "resume"
-        zipfile.ZipFile(archive).extractall(folder)
-        rows = json.loads((folder / "metrics_rows.json").read_text())
-        self.metrics_rows = [row for row in rows if row["step"] <= step]
-        execution_event(self, f"Resuming from the checkpoint at step {step} (sha256 verified)")
-        return folder
+    def fetch_resume_state(self, workdir: Path, candidates: list["ResumeCandidate"]) -> Path | None:
+        """The newest checkpoint with full training state whose stored bytes are the ones recorded in the DB.
+        One that fails verification (or is gone) is marked unusable and the next older one is tried; with
+        none left the attempt starts from the beginning. Storage that cannot be reached is not a verdict on a
+        checkpoint: that raises, and the attempt is requeued."""
+        archive, tried, tries = workdir / "resume.zip", [], self.settings.storage_retries
+        for checkpoint in candidates:
+            try:
+                download_verified(self.storage, checkpoint.key, archive, checkpoint.sha256, tries)
+            except (ChecksumMismatch, ObjectNotFound) as exc:
+                tried.append(f"step {checkpoint.step}")
+                reason = "is missing" if isinstance(exc, ObjectNotFound) else "failed verification"
+                retrying(
+                    lambda session, c=checkpoint: execution.mark_checkpoint_unusable(
+                        session, self.job_id, self.attempt, c.id
+                    ),
+                    f"marking checkpoint {checkpoint.id} unusable",
+                )
+                execution_event(
+                    self, f"The checkpoint at step {checkpoint.step} {reason} ({exc}); it is marked unusable",
+                    level="warning",
+                )  # fmt: skip
+                continue
+            folder = workdir / "resume"
+            zipfile.ZipFile(archive).extractall(folder)
+            rows = json.loads((folder / "metrics_rows.json").read_text())
+            self.metrics_rows = [row for row in rows if row["step"] <= checkpoint.step]
+            self.last_step = checkpoint.step
+            execution_event(self, f"Resuming from the checkpoint at step {checkpoint.step} (sha256 verified)")
+            return folder
+        execution_event(
+            self, f"No checkpoint verified (tried {', '.join(tried)}): training starts from the beginning",
+            level="warning",
+        )  # fmt: skip
+        return None
 
     def run_recipe(self, config: Path, out: Path) -> int:
         python = self.settings.training_python or sys.executable
@@ -180,7 +231,9 @@ class JobRunner:
         if self.devices > 1:  # one process per device, trained together by DeepSpeed
             port = free_port()
             command = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.devices)]
-            command += ["--master_addr", "127.0.0.1", "--master_port", str(port), *recipe]
+            command += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+            # Every rank's stderr reaches the attempt's log with its rank in front ("[default1]:…").
+            command += ["--tee", "2", "--log-dir", str(out.parent / "ranks"), *recipe]
         else:
             command = [python, *recipe]
         # Own session = own process group: cancel kills the recipe and anything it started, and a
@@ -202,6 +255,7 @@ class JobRunner:
                 **self.device_env,  # its own devices only
             },
         )
+        self.log_file = open(out.parent / "attempt.log", "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -231,7 +285,33 @@ class JobRunner:
         for reader in readers:
             reader.join(timeout=10)
         self._flush_metrics(force=True)
+        self.keep_log()
         return self.process.returncode
+
+    def _log_line(self, line: str) -> None:
+        with self.log_lock:
+            if self.log_file is not None and not self.log_file.closed:
+                self.log_file.write(line + "\n")
+
+    def keep_log(self) -> None:
+        """The attempt's output (the recipe's and every rank's stderr) as an object of the attempt, readable at
+        GET /v1/fine_tuning/jobs/{id}/attempts/{n}/log. A very long one keeps its beginning and its end."""
+        with self.log_lock:
+            assert self.log_file is not None
+            path = Path(self.log_file.name)
+            self.log_file.close()
+        data = path.read_bytes()
+        if len(data) > LOG_MAX_BYTES:
+            head, tail = data[: LOG_MAX_BYTES // 8], data[-(LOG_MAX_BYTES - LOG_MAX_BYTES // 8) :]
+            data = head + f"\n[… {len(data) - len(head) - len(tail)} bytes left out …]\n".encode() + tail
+        try:
+            with_retries(
+                lambda: self.storage.put_bytes(f"{self.prefix}/{ATTEMPT_LOG}", data),
+                f"keeping the log of attempt {self.attempt}",
+                self.settings.storage_retries,
+            )
+        except StorageError as exc:  # the job's outcome does not depend on its log
+            log.warning("%s", exc)
 
     def request_state_save(self) -> None:
         """The recipe (every rank of it) finishes its step, saves its whole state, reports "paused" and exits.
@@ -258,6 +338,7 @@ class JobRunner:
             event = parse_line(line.rstrip("\n"))
             if event is None:
                 log.info("[%s] %s", self.job_id, line.rstrip())
+                self._log_line(line.rstrip("\n"))
                 continue
             try:
                 self.handle(event)
@@ -268,11 +349,13 @@ class JobRunner:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.stderr_tail.append(line.rstrip())
+            self._log_line(line.rstrip("\n"))
 
     def handle(self, event: dict) -> None:
         self.reporting = True
         kind = event.pop("event")
         if kind == "metrics":
+            self.last_step = event["step"]
             self.metrics_rows.append(event)
             self._pending_metrics = event
             self._flush_metrics(force=event["step"] in (1, event["total_steps"]))
@@ -285,7 +368,7 @@ class JobRunner:
         elif kind == "paused":
             self.paused = event
         elif kind == "error":
-            self.error = event
+            self.errors.append(event)
 
     def _flush_metrics(self, force: bool) -> None:
         pending = self._pending_metrics
@@ -368,12 +451,49 @@ class JobRunner:
                 )
             return
         if returncode != 0 or self.done is None:
-            if self.error is not None:  # the recipe says why: the job's data or config, or its own failure
-                raise RecipeFailed(self.error, returncode, list(self.stderr_tail))
-            how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
-            last = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
-            raise RetryAttempt(f"Attempt {self.attempt}: the training process {how}" + (f" ({last})" if last else ""))
+            raise self.failure(returncode)
         self.promote_adapter()
+
+    def failure(self, returncode: int) -> Exception:
+        """Why the recipe failed, as the exception that settles the job. An error the recipe reported fails the
+        job (its data, config or code), unless it says the node was at fault (a full disk). A crash it could not
+        report (a signal, a rank lost) is retried as the node's fault, but not twice in a row at the same step
+        with the same error: that is the job's own, and another attempt would only repeat it."""
+        error = cause(self.errors)
+        if error is not None and error.get("retryable"):
+            return RetryAttempt(f"Attempt {self.attempt}: {error['message']}", error.get("code") or "worker_lost")
+        if error is not None:
+            failed = RecipeFailed(error, returncode, list(self.stderr_tail))
+            self.record_failure(str(failed), error.get("traceback"))
+            return failed
+        crash = describe_crash(returncode, list(self.stderr_tail))
+        previous = retrying(
+            lambda session: execution.attempt_failure(session, self.job_id, self.attempt - 1),
+            f"reading the previous failure of {self.job_id}",
+        )
+        self.record_failure(crash, None)
+        if previous is not None and previous == {"step": self.last_step, "error": crash}:
+            message = (
+                f"the training process {crash}, at step {self.last_step} as in attempt {self.attempt - 1}: "
+                "the same failure twice is the job's, not the node's, and is not retried"
+            )
+            return RecipeFailed({"code": "training_error", "message": message}, returncode, [])
+        return RetryAttempt(f"Attempt {self.attempt}: the training process {crash}")
+
+    def record_failure(self, error: str, frames: str | None) -> None:
+        """An event for the failed attempt: what failed, where, and the traceback's last frames; its data lets
+        the next attempt tell a repeated failure. The whole output is the attempt's log."""
+        message = f"Attempt {self.attempt} failed at step {self.last_step}: {error}"
+        if frames:
+            message += "\n" + frames.rstrip()
+        data = {
+            "failure": {"step": self.last_step, "error": error},
+            "log": f"/v1/fine_tuning/jobs/{self.job_id}/attempts/{self.attempt}/log",
+        }
+        retrying(
+            lambda session: execution.add_event(session, self.job_id, self.attempt, message, level="error", data=data),
+            f"recording the failure of {self.job_id}",
+        )
 
     def promote_adapter(self) -> None:
         """Upload the adapter under this attempt's prefix, verify the stored bytes, then succeed the job in one
@@ -440,10 +560,67 @@ class RecipeFailed(Exception):
         self.code = (error or {}).get("code") or ("worker_killed" if returncode < 0 else "training_error")
         message = (error or {}).get("message")
         if not message:
-            last = next((line for line in reversed(stderr_tail) if line.strip()), "")
-            message = f"the training process exited with code {returncode}" + (f": {last}" if last else "")
+            message = f"the training process {describe_crash(returncode, stderr_tail)}"
+        elif (error or {}).get("rank") is not None:
+            message = f"{message} (rank {error['rank']})"  # type: ignore[index]
         self.param = (error or {}).get("param")
         super().__init__(message)
+
+
+@dataclass
+class ResumeCandidate:
+    id: str
+    key: str
+    sha256: str
+    step: int
+
+
+# A rank that fails first reports its exception; the others then fail in a collective it left. The cause is
+# the first report that is not such an echo.
+COLLECTIVE_ECHOES = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "NCCL", "Gloo")
+
+
+def cause(errors: list[dict]) -> dict | None:
+    own = [e for e in errors if not any(echo in e.get("message", "") for echo in COLLECTIVE_ECHOES)]
+    return (own or errors or [None])[0]
+
+
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+ROOT_CAUSE_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+RANK_PREFIX = re.compile(r"^\[default(\d+)\]:")
+NOISE = re.compile(r"^[\s=*\-]*$|^[EWI]\d{4} |^Traceback \(most recent call last\):$|Warning\b|warnings\.warn\(")
+FATAL = re.compile(r"\b\w*(Error|Exception|Fault|Abort\w*)\b|terminate called|core dumped", re.IGNORECASE)
+
+
+def describe_crash(returncode: int, stderr_lines: list[str]) -> str:
+    """How the recipe ended without reporting why: which rank (torchrun's "Root Cause" block names it), by
+    which signal or exit code, and that rank's last meaningful line of stderr (after a signal, only one that
+    reads as an error), never a banner or a warning."""
+    rank, code = None, returncode
+    for line in stderr_lines:
+        if match := ROOT_CAUSE_RANK.match(line):
+            rank = int(match.group(1))
+        elif (match := ROOT_CAUSE_EXIT.match(line)) and rank is not None:
+            code = int(match.group(1))
+    how = f"was killed by signal {signal_name(-code)}" if code < 0 else f"exited with code {code}"
+    last = ""
+    for line in reversed(stderr_lines):
+        prefix = RANK_PREFIX.match(line)
+        if rank is not None and (prefix is None or int(prefix.group(1)) != rank):
+            continue
+        text = line[prefix.end() :] if prefix else line
+        if not NOISE.search(text):
+            last = text.strip() if code > 0 or FATAL.search(text) else ""
+            break
+    head = f"(rank {rank}) {how}" if rank is not None else how
+    return head + (f": {last}" if last else "")
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def die_with_this_worker() -> None:
@@ -462,9 +639,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def execution_event(runner: JobRunner, message: str) -> None:
+def execution_event(runner: JobRunner, message: str, level: str = "info") -> None:
     retrying(
-        lambda session: execution.add_event(session, runner.job_id, runner.attempt, message),
+        lambda session: execution.add_event(session, runner.job_id, runner.attempt, message, level=level),
         f"recording an event of {runner.job_id}",
     )
 

@@ -109,6 +109,15 @@ def list_checkpoints(
     )
 
 
+@router.get("/{job_id}/attempts/{attempt}/log", responses=declare(404))
+def attempt_log(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str, attempt: int):
+    """tunequeue's own: what one attempt printed (the recipe's output, and every rank's stderr with its rank in
+    front), as text. Kept when the attempt's training process ends, whatever the outcome."""
+    job = service.get_job(session, tenant, job_id)
+    key = service.attempt_log_key(storage, job, attempt)
+    return StreamingResponse(storage.iter_chunks(key), media_type="text/plain; charset=utf-8")
+
+
 @router.get("/{job_id}/adapter")
 def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str):
     """tunequeue's own: the trained adapter as a zip (adapter_config.json, adapter_model.safetensors, manifest.json)."""

@@ -141,12 +141,38 @@ def requeue_job(
 
 
 def newest_resumable_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
-    return session.scalars(
+    return next(iter(resumable_checkpoints(session, job_id, limit=1)), None)
+
+
+def resumable_checkpoints(session: Session, job_id: str, limit: int | None = None) -> list[Checkpoint]:
+    """Checkpoints with full training state, newest first: a resume tries them in this order."""
+    statement = (
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True))
         .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-        .limit(1)
-    ).first()
+    )
+    return list(session.scalars(statement.limit(limit) if limit else statement))
+
+
+def mark_checkpoint_unusable(session: Session, job_id: str, attempt: int, checkpoint_id: str) -> bool:
+    """A checkpoint whose stored bytes failed verification is never resumed from again (fenced)."""
+    if not is_current(session, job_id, attempt):
+        return False
+    session.execute(
+        update(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id).values(resumable=False)
+    )
+    return True
+
+
+def attempt_failure(session: Session, job_id: str, attempt: int) -> dict | None:
+    """How `attempt` failed ({"step", "error"}), as its failure event recorded it; None if it did not."""
+    if attempt < 1:
+        return None
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.attempt == attempt, JobEvent.level == "error")
+    )
+    failures = [e.data["failure"] for e in events if e.data and "failure" in e.data]
+    return failures[-1] if failures else None
 
 
 def is_current(session: Session, job_id: str, attempt: int) -> bool:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from shared.basemodels.models import BaseModelRecord
 from shared.basemodels.service import check_target_modules, get_base_model
 from shared.db import after_commit
-from shared.errors import InvalidRequest, RateLimited, Unprocessable
+from shared.errors import InvalidRequest, NotFound, RateLimited, Unprocessable
 from shared.files.models import File
 from shared.files.service import get_file
 from shared.ids import new_id, now
@@ -312,6 +312,33 @@ def list_checkpoints(session: Session, job: Job, *, after: str | None, limit: in
         if cursor is not None:
             query = query.where(Checkpoint.step < cursor.step)
     return list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit)))
+
+
+ATTEMPT_LOG = "attempt.log"
+
+
+def attempt_prefix(tenant: str, job_id: str, attempt: int) -> str:
+    """Where an attempt's objects live (checkpoints, adapter, log); only a fenced DB write promotes one."""
+    return f"tenants/{tenant}/jobs/{job_id}/attempt-{attempt}"
+
+
+def attempt_log_key(storage: Storage, job: Job, attempt: int) -> str:
+    """The storage key of an attempt's log (the recipe's output and every rank's stderr), or 404 saying why."""
+    if not 1 <= attempt <= job.attempt:
+        raise NotFound(
+            f"Job {job.id} has had {job.attempt} attempt(s); there is no attempt {attempt}",
+            param="attempt",
+            code="attempt_not_found",
+        )
+    key = f"{attempt_prefix(job.tenant, job.id, attempt)}/{ATTEMPT_LOG}"
+    if not storage.exists(key):
+        raise NotFound(
+            f"Attempt {attempt} of {job.id} has no log: it is kept when the training process ends, and this one "
+            "is still running or its worker was lost with it",
+            param="attempt",
+            code="attempt_log_not_found",
+        )
+    return key
 
 
 def fine_tuned_model_name(job: Job) -> str:

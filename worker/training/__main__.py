@@ -1,6 +1,7 @@
 """`python -m worker.training --config cfg.json --out DIR`: run the recipe with no service around it.
 Exit codes: 0 done, 2 bad data or config (a user error), 3 paused (SIGUSR1 or the pause file: state saved;
-a rank under torchrun exits 0 after its "paused" event), 1 anything else."""
+a rank under torchrun exits 0 after its "paused" event), 1 anything else. An error event with
+`retryable: true` (a full disk) is not the job's fault: the worker requeues the attempt."""
 
 import argparse
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from worker.training.control import die_with_parent, install_pause_handler
+from worker.training.disk_space import is_disk_full
 from worker.training.reporter import StdoutJsonReporter
 
 
@@ -42,11 +44,25 @@ def main(argv: list[str] | None = None) -> int:
         reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
         return 2
     except Exception as exc:  # reported to the worker, which fails the job with this code and message
-        code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
         traceback.print_exc()
-        reporter.event("error", code=code, message=f"{type(exc).__name__}: {exc}")
+        if is_disk_full(exc, args.out):
+            # The node's fault, not the job's: the worker requeues the attempt instead of failing the job.
+            message = f"no space left on the worker's disk under {args.out} ({type(exc).__name__}: {exc})"
+            reporter.event("error", code="disk_full", message=message, retryable=True)
+            return 1
+        code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
+        reporter.event("error", code=code, message=f"{type(exc).__name__}: {exc}", **where_it_failed(exc))
         return 1
     return 0
+
+
+def where_it_failed(exc: BaseException) -> dict:
+    """The rank (under torchrun every rank reports its own failure) and the traceback's last frames."""
+    frames = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
+    fields: dict = {"traceback": "".join(frames)[-4000:]}
+    if "LOCAL_RANK" in os.environ:
+        fields["rank"] = int(os.environ.get("RANK", "0"))
+    return fields
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def wrap(model, optimizer, scheduler, trainable, stage: int, micro_batch: int, m
 
 
 def shard(batch: list) -> list:
-    """This rank's share of a global batch."""
+    """This rank's share of a global batch; empty when the batch holds fewer examples than ranks (the last
+    batch of an epoch can)."""
     return batch[rank() :: world_size()]
 
 
@@ -67,13 +68,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def mean(value: float) -> float:
-    """The mean of `value` over the ranks (each rank's loss is over its share of the batch)."""
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each value summed over the ranks (one collective for all of them)."""
     if not active():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / world_size()
+    return tuple(float(v) for v in tensor.tolist())
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:

@@ -2,6 +2,7 @@
 (packed by default), evaluate on held-out data, save checkpoints, and deliver the best (or last) adapter as
 safetensors with a manifest."""
 
+import dataclasses
 import json
 import math
 import platform
@@ -240,13 +241,9 @@ class TrainingLoop:
         step_started = time.monotonic()
         self.model.train()
         learning_rate = self.scheduler.get_last_lr()[0]
-        if self.engine is not None:  # several ranks: each its share of the batch; DeepSpeed averages gradients
-            inputs = self.inputs(distributed.shard(batch))
-            output = self.engine(**inputs, use_cache=False)
-            self.engine.backward(output.loss)
-            self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+        if self.engine is not None:
+            loss, accuracy = self.sharded_step(batch)
             grad_norm = self.engine.get_global_grad_norm() or 0.0
-            loss = distributed.mean(float(output.loss.item()))
         else:
             inputs = self.inputs(batch)
             output = self.model(**inputs, use_cache=False)  # a cache would defeat packing's block mask
@@ -256,6 +253,7 @@ class TrainingLoop:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = float(output.loss.item())
+            accuracy = token_accuracy(output.logits, inputs["labels"])
         self.global_step += 1
         tokens = sum(len(example.input_ids) for example in batch)
         self.trained_tokens += tokens
@@ -265,7 +263,7 @@ class TrainingLoop:
             "total_steps": self.total_steps,
             "epoch": epoch,
             "train_loss": loss,
-            "train_mean_token_accuracy": token_accuracy(output.logits, inputs["labels"]),
+            "train_mean_token_accuracy": accuracy,
             "learning_rate": learning_rate,
             "grad_norm": float(grad_norm),
             "tokens_per_second": tokens / max(time.monotonic() - step_started, 1e-9),
@@ -278,6 +276,24 @@ class TrainingLoop:
             self.evaluate_and_track()
         if self.global_step % self.config.log_every_steps == 0 or self.global_step == self.total_steps:
             self.reporter.log(self.global_step, self.last)
+
+    def sharded_step(self, batch: list[Encoded]) -> tuple[float, float]:
+        """One optimizer step on several ranks, each on its share of the batch. The loss is the batch's mean
+        over its loss tokens, as on one process: each rank backpropagates the sum over its own tokens divided
+        by the batch's token count (every rank holds the whole batch, so it knows that count without asking),
+        times the number of ranks, since DeepSpeed averages the gradients over them. A rank whose share is
+        empty runs one fully masked example: its forward and backward take part in the collectives and add
+        exactly zero. Returns the batch's (loss, token accuracy)."""
+        share = distributed.shard(batch) or [masked(batch[0])]
+        inputs = self.inputs(share)
+        labels = inputs.pop("labels")
+        output = self.engine(**inputs, use_cache=False)
+        loss_sum, correct = token_loss_sum(output.logits, labels)
+        batch_tokens = max(1, sum(predicted_tokens(example) for example in batch))
+        self.engine.backward(loss_sum * (distributed.world_size() / batch_tokens))
+        self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+        total_loss, total_correct = distributed.sum_over_ranks(float(loss_sum.detach()), float(correct))
+        return total_loss / batch_tokens, total_correct / batch_tokens
 
     @property
     def finished(self) -> bool:
@@ -396,6 +412,30 @@ def peak_memory() -> dict:
     if torch.cuda.is_available():
         memory["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return memory
+
+
+def predicted_tokens(example: Encoded) -> int:
+    """Tokens of an example that count in the loss: its labels but the first, which nothing predicts."""
+    return sum(label != chat_data.IGNORE_INDEX for label in example.labels[1:])
+
+
+def masked(example: Encoded) -> Encoded:
+    """The same tokens with no label: a forward and backward that contribute nothing."""
+    return dataclasses.replace(example, labels=[chat_data.IGNORE_INDEX] * len(example.labels))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The summed next-token cross-entropy over the labelled positions (a tensor to backpropagate, zero with
+    a gradient when none is labelled) and how many of them the argmax gets right."""
+    target = labels[:, 1:].reshape(-1)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    loss_sum = torch.nn.functional.cross_entropy(
+        shifted.float(), target, ignore_index=chat_data.IGNORE_INDEX, reduction="sum"
+    )
+    with torch.no_grad():
+        mask = target != chat_data.IGNORE_INDEX
+        correct = int((shifted.argmax(-1)[mask] == target[mask]).sum())
+    return loss_sum, correct
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
