@@ -95,13 +95,19 @@ class Stack:
                 time.sleep(0.3)
         raise RuntimeError(f"API did not start; see {self.logdir / 'api.log'}")
 
-    def start_worker(self, name: str = "worker", *args: str) -> subprocess.Popen:
-        return self._spawn(name, [sys.executable, "-m", "shared.cli", "worker", *args])
+    def start_worker(self, name: str = "worker", *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker process; `env` adds to the stack's settings for this worker only (e.g. its TMPDIR)."""
+        return self._spawn(name, [sys.executable, "-m", "shared.cli", "worker", *args], env)
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")
         process = subprocess.Popen(
-            command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes.append(process)
         return process

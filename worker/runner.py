@@ -131,9 +131,8 @@ class JobRunner:
             # its disk full: the node's fault, not the job's, whichever wrapper it reached us in.
             if not is_disk_full(exc) or getattr(exc, "code", None) == "disk_full":
                 raise
-            raise RetryAttempt(
-                f"Attempt {self.attempt}: no space left on the disk of worker {self.worker}: {exc}", "disk_full"
-            ) from exc
+            message = str(exc) if isinstance(exc, RetryAttempt) else f"Attempt {self.attempt}: {exc}"
+            raise RetryAttempt(f"{message} (the disk of worker {self.worker} is full)", "disk_full") from exc
         finally:
             self.lease.stop()
 
@@ -342,8 +341,12 @@ class JobRunner:
                 continue
             try:
                 self.handle(event)
-            except Exception:  # a failed DB write must not kill the reader; the job still finishes
+            except Exception as exc:  # a failed DB write must not kill the reader; the job still finishes
                 log.exception("could not record event %s of %s", event.get("event"), self.job_id)
+                if is_disk_full(exc):  # a checkpoint this worker could not write: the node's fault, requeue
+                    message = f"could not save the checkpoint at step {event.get('step')}: {exc}"
+                    self.errors.insert(0, {"code": "disk_full", "message": message, "retryable": True})
+                    self.stop_recipe()
 
     def _read_stderr(self) -> None:
         assert self.process.stderr is not None

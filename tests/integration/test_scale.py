@@ -5,7 +5,7 @@ starts higher-priority jobs first."""
 from sqlalchemy import create_engine, text
 
 from tests.faults import wait_for
-from tests.support import chat, write_jsonl
+from tests.support import chat, extract_zip, write_jsonl
 
 SCALE_ENV = {
     "TUNEQUEUE_SWEEP_SECONDS": "1",
@@ -128,7 +128,7 @@ def test_tenants_take_turns_within_a_priority(production_env, make_stack, tiny_m
 
 
 def test_a_job_on_two_devices_trains_with_deepspeed(production_env, make_stack, tiny_model, tmp_path):
-    env = {**production_env, **SCALE_ENV}
+    env = {**production_env, **SCALE_ENV, "TUNEQUEUE_ZERO3_PERSISTENCE_THRESHOLD": "0"}  # LoRA weights partitioned
     stack = one_node(make_stack, env, tiny_model, "2")
     file_id = stack.upload(data(tmp_path))["id"]
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}
@@ -139,4 +139,22 @@ def test_a_job_on_two_devices_trains_with_deepspeed(production_env, make_stack, 
     rows = [r for r in usage(env) if r["job_id"] == job["id"]]
     assert sorted(r["device"] for r in rows) == ["cpu:0", "cpu:1"]  # both slots, one job
     adapter = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
-    assert adapter.status_code == 200 and len(adapter.content) > 1000
+    assert adapter.status_code == 200
+    assert_gathered_adapter(extract_zip(adapter.content, tmp_path / "adapter"))
+
+
+def assert_gathered_adapter(folder) -> None:
+    """The ZeRO-3 adapter holds whole LoRA matrices gathered from the ranks, trained: a gather that saved each
+    rank's partition (empty or partial tensors) or the untrained weights fails here."""
+    import json
+
+    from safetensors.torch import load_file
+
+    r = json.loads((folder / "adapter_config.json").read_text())["r"]
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert tensors and all(t.isfinite().all() for t in tensors.values())
+    for name, tensor in tensors.items():
+        assert tensor.dim() == 2 and min(tensor.shape) > 0, (name, tensor.shape)
+        assert tensor.shape[0 if "lora_A" in name else 1] == r, (name, tensor.shape, r)
+        if "lora_B" in name:  # B starts at zero
+            assert tensor.abs().max() > 0, name

@@ -17,6 +17,11 @@ from worker.training.reporter import parse_line
 pytest.importorskip("deepspeed")
 
 
+# DeepSpeed on CPU; under ZeRO-3 every parameter partitioned, however small (the tiny model's LoRA matrices
+# would otherwise stay whole on every rank), so that saving the adapter really depends on the gather.
+DISTRIBUTED_ENV = {"DS_ACCELERATOR": "cpu", "TUNEQUEUE_ZERO3_PERSISTENCE_THRESHOLD": "0"}
+
+
 def torchrun(tmp_path, config: dict, name: str, processes: int = 2) -> list[str]:
     """The command the worker runs for a job on `processes` devices (run with DS_ACCELERATOR=cpu here)."""
     path = tmp_path / f"{name}.json"
@@ -32,7 +37,7 @@ def run_distributed(tmp_path, config: dict, name: str, processes: int = 2) -> tu
     started = time.monotonic()
     result = subprocess.run(
         torchrun(tmp_path, config, name, processes),
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **DISTRIBUTED_ENV},
     )  # fmt: skip
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
     assert events, result.stderr[-3000:]

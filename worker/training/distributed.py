@@ -31,12 +31,20 @@ def init() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default: 100,000 elements, so
+# the LoRA matrices of a small base are never partitioned; those of a 7B base at r=64 are).
+PERSISTENCE_THRESHOLD_ENV = "TUNEQUEUE_ZERO3_PERSISTENCE_THRESHOLD"
+
+
 def config(stage: int, micro_batch: int, max_grad_norm: float) -> dict:
+    zero: dict = {"stage": stage}
+    if stage == 3 and os.environ.get(PERSISTENCE_THRESHOLD_ENV):
+        zero["stage3_param_persistence_threshold"] = int(os.environ[PERSISTENCE_THRESHOLD_ENV])
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": compute_dtype() == torch.bfloat16},  # else float32, like the model
         "steps_per_print": 10**9,  # the recipe reports; DeepSpeed stays quiet
     }
