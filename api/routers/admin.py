@@ -20,6 +20,8 @@ from shared.jobs.service import counts_by_status, recent_failures
 from shared.queue import queue_depth
 from shared.workers.models import WorkerHeartbeat
 
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # what `keys create --tenant` accepts; filters take the same
+
 router = APIRouter(prefix="/admin", tags=["admin"], responses=declare(403, 409))
 
 
@@ -80,7 +82,7 @@ def tenants(session: DbSession):
 @router.get("/jobs", response_model=Page)
 def list_all_jobs(
     session: DbSession,
-    tenant: str | None = None,
+    tenant: str | None = Query(None, pattern=TENANT_NAME),
     status: Literal[state.ALL_STATUSES] | None = None,  # type: ignore[valid-type]
     after: str | None = None,
     limit: int = Query(20, ge=1, le=100),
@@ -122,13 +124,13 @@ class KeyList(BaseModel):
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tenant: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["acme"])
+    tenant: str = Field(pattern=TENANT_NAME, examples=["acme"])
     admin: StrictBool = False
     name: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
 @router.get("/keys", response_model=KeyList)
-def list_keys(session: DbSession, tenant: str | None = None):
+def list_keys(session: DbSession, tenant: str | None = Query(None, pattern=TENANT_NAME)):
     return {"object": "list", "data": [keys.describe(k) for k in keys.list_keys(session, tenant)]}
 
 

@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import random
 import secrets
 import threading
 import time
@@ -112,25 +114,29 @@ def _deliver_all(delivery_ids: list[str]) -> None:
 
 
 def deliver_with_retries(delivery_id: str) -> str:
-    base = get_settings().webhook_retry_base_seconds
     while True:
-        status = attempt_delivery(delivery_id)
+        status, delay = attempt_delivery(delivery_id)
         if status != "pending":
             return status
-        with session_scope() as session:
-            delivery = session.get(WebhookDelivery, delivery_id)
-            wait = max(0.0, delivery.next_attempt_at - time.time()) if delivery else 0
-        time.sleep(min(wait, base * 2**MAX_ATTEMPTS))
+        time.sleep(delay)
 
 
-def attempt_delivery(delivery_id: str) -> str:
+def retry_delay(failed_attempts: int, base: float) -> float:
+    """Seconds to wait after the n-th failed attempt: base, 2×base, 4×base, … Each is stretched by up to a
+    quarter at random, so endpoints that failed together are not all retried in the same instant; a quarter
+    keeps every wait longer than the one before it."""
+    return base * 2 ** (failed_attempts - 1) * random.uniform(1.0, 1.25)
+
+
+def attempt_delivery(delivery_id: str) -> tuple[str, float]:
+    """One send: the delivery's status afterwards, and how long to wait before the next send if still pending."""
     with session_scope() as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None or delivery.status != "pending":
-            return delivery.status if delivery else "gone"
+            return (delivery.status if delivery else "gone"), 0.0
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
         if endpoint is None:  # deleted since: nothing to send to
-            return "gone"
+            return "gone", 0.0
         url, secret, payload = endpoint.url, endpoint.secret, delivery.payload
     timestamp = str(now())  # fresh per attempt; the webhook-id stays the same so receivers can deduplicate
     headers = {
@@ -148,12 +154,12 @@ def attempt_delivery(delivery_id: str) -> str:
     return _record_attempt(delivery_id, code, error)
 
 
-def _record_attempt(delivery_id: str, code: int | None, error: str | None) -> str:
-    base = get_settings().webhook_retry_base_seconds
+def _record_attempt(delivery_id: str, code: int | None, error: str | None) -> tuple[str, float]:
+    delay = 0.0
     with session_scope() as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None:
-            return "gone"
+            return "gone", delay
         delivery.attempts += 1
         delivery.last_status_code, delivery.last_error = code, error
         delivery.history = [*delivery.history, {"at": now(), "status_code": code, "error": error}]
@@ -162,8 +168,9 @@ def _record_attempt(delivery_id: str, code: int | None, error: str | None) -> st
         elif delivery.attempts >= MAX_ATTEMPTS:
             delivery.status = "failed"
         else:
-            delivery.next_attempt_at = now() + int(base * 2 ** (delivery.attempts - 1))
-        return delivery.status
+            delay = retry_delay(delivery.attempts, get_settings().webhook_retry_base_seconds)
+            delivery.next_attempt_at = math.ceil(time.time() + delay)  # whole seconds, like every timestamp
+        return delivery.status, delay
 
 
 def sign(secret: str, message_id: str, timestamp: str, body: str) -> str:
