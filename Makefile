@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench lint clean
+.PHONY: install demo run test test-fast bench gpu-check lint clean
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -33,6 +33,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
+# comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the
+# reason, where there is no CUDA device. On a GPU machine without a package registry: benchmarks/gpu_check.sh.
+gpu-check: $(STAMP)
+	$(PY) -m pytest tests/gpu -s -rA
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check api worker shared tests

@@ -1,19 +1,55 @@
 """Fixtures. Services the tests need are used if running and otherwise reported clearly: Postgres and
-Redis on loopback (`.ci/run` starts them), a moto S3 server started here on a free port."""
+Redis on loopback (`.ci/run` starts them), a moto S3 server started here on a free port. Tests reach loopback
+only: the guard in tests/netguard runs in this process and in every Python process the tests start, and a
+test during which any of them tried to reach another address fails."""
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.netguard import sitecustomize as netguard
 from tests.support import ROOT, Stack, build_tiny_model, free_port
 
 PG_ADMIN_URL = os.environ.get("TUNEQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = "127.0.0.1"
+NETWORK_LOG = Path(tempfile.gettempdir()) / f"tunequeue-test-network-{os.getpid()}.log"
+_network_log_read = 0  # how much of NETWORK_LOG has been read
+_outside_tests: list[str] = []  # attempts made between tests (session fixtures, stragglers): fail the session
+
+
+def pytest_configure(config):
+    """Guard this process, and every Python child through PYTHONPATH (they import netguard as sitecustomize)."""
+    NETWORK_LOG.write_bytes(b"")
+    os.environ[netguard.LOG_ENV] = str(NETWORK_LOG)
+    guard_dir = str(Path(netguard.__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (guard_dir, os.environ.get("PYTHONPATH")) if p)
+    netguard.install()
+
+
+def _new_network_attempts() -> str:
+    global _network_log_read
+    with open(NETWORK_LOG, "rb") as log:
+        log.seek(_network_log_read)
+        new = log.read()
+    _network_log_read += len(new)
+    return new.decode(errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only():
+    """Fails the test if it, or any process it started, tried to reach an address outside loopback. Set up
+    before the test's other fixtures, so this check runs after their teardown (stopped stacks included)."""
+    _outside_tests.append(_new_network_attempts())
+    yield
+    attempts = _new_network_attempts()
+    if attempts:
+        pytest.fail(f"network access outside loopback was attempted (and refused):\n{attempts}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -202,11 +238,44 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
+def pytest_sessionfinish(session):
+    """Attempts made outside any test (a session fixture, a thread or process still running after its test)
+    fail the session too; they are listed in the terminal summary."""
+    if NETWORK_LOG.exists():
+        _outside_tests.append(_new_network_attempts())
+        if NETWORK_LOG.stat().st_size == 0:
+            NETWORK_LOG.unlink()
+    if any(_outside_tests):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter):
+    if any(_outside_tests):
+        terminalreporter.section("network access outside loopback, outside any test (refused)")
+        terminalreporter.write("".join(_outside_tests))
+    # The chaos scenarios' rows (`tests.integration.test_chaos.scenario`): pass, or fail with the first failed
+    # check; each with its figures. Then any chaos test that failed outside its scenario (in a fixture).
     from tests.integration.test_chaos import CHAOS_REPORT
 
-    if CHAOS_REPORT:
-        terminalreporter.section("chaos scenarios")
-        for row in CHAOS_REPORT:
-            figures = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("scenario", "result"))
-            terminalreporter.write_line(f"{row['result'].upper():5} {row['scenario']}: {figures}")
+    in_rows = {row["test"] for row in CHAOS_REPORT}
+    outside = [
+        report
+        for kind in ("failed", "error")
+        for report in terminalreporter.stats.get(kind, [])
+        if "test_chaos.py::" in report.nodeid and (report.when != "call" or report.nodeid not in in_rows)
+    ]
+    if not CHAOS_REPORT and not outside:
+        return
+    terminalreporter.section("chaos scenarios")
+    for row in CHAOS_REPORT:
+        failed = row["result"] != "pass"
+        figures = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("scenario", "result", "test", "reason"))
+        terminalreporter.write_line(f"{row['result'].upper():5} {row['scenario']}: {figures}", red=failed)
+        if failed:
+            terminalreporter.write_line(f"      {row['test']}: {row['reason']}", red=True)
+    for report in outside:
+        terminalreporter.write_line(f"FAIL  {report.nodeid}: failed in {report.when}, outside its scenario", red=True)
+    failed = sum(row["result"] != "pass" for row in CHAOS_REPORT)
+    # Not "N passed, N failed" alone on a line: that is the shape of a test runner's closing line.
+    summary = f"chaos scenarios: {len(CHAOS_REPORT) - failed} of {len(CHAOS_REPORT)} held"
+    terminalreporter.write_line(summary + (f"; {len(outside)} failed outside a scenario" if outside else ""))

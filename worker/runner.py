@@ -246,7 +246,8 @@ class JobRunner:
             start_new_session=True,
             preexec_fn=die_with_this_worker,
             env={
-                **os.environ,
+                # A GPU lease trains over NCCL, whatever DeepSpeed accelerator the worker itself was started with.
+                **{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR" or self.device_env.get(k)},
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "TUNEQUEUE_PARENT_PID": str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)

@@ -167,11 +167,16 @@ def test_bad_config_names_the_field(tmp_path, tiny_model):
     assert code == 2 and "lora_r" in events[0]["message"]
 
 
-def test_gradients_survive_an_evaluation(tiny_model):
-    """Regression: an eval-mode forward must not switch bitsandbytes to its no-autograd inference kernel."""
+def test_gradients_survive_an_evaluation(tiny_model, monkeypatch):
+    """Regression: an eval-mode forward must not switch bitsandbytes to its no-autograd inference kernel.
+    bitsandbytes does that only where its CPU probe finds AVX512-BF16, so the probe is made to say yes: the
+    layers then take that path on every machine (on an AVX2-only one too, where the probe says no)."""
+    import bitsandbytes as bnb
     import torch
 
     from worker.training.model import attach_lora, load_base_model
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read by each Linear4bit as it is built
 
     def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
@@ -181,6 +186,9 @@ def test_gradients_survive_an_evaluation(tiny_model):
             model.eval()
             with torch.no_grad():
                 model(input_ids=ids)
+            layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+            assert layers and not packed, f"the evaluation moved {len(packed)} 4-bit layers to the inference kernel"
         model.train()
         for p in model.parameters():
             if p.requires_grad:
