@@ -5,10 +5,11 @@ accident; crossing tenants is explicit, here."""
 from typing import Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import func, select
 
-from api.deps import DbSession
+from api.deps import DbSession, StorageDep
 from api.errors import declare
 from shared.auth import service as keys
 from shared.ids import now
@@ -100,6 +101,13 @@ def list_all_jobs(
 @router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob)
 def cancel_any_job(session: DbSession, job_id: str):
     return FineTuningJob.of(jobs.cancel_job(session, None, job_id))
+
+
+@router.get("/jobs/{job_id}/attempts/{attempt}/log", responses=declare(404))
+def any_attempt_log(session: DbSession, storage: StorageDep, job_id: str, attempt: int):
+    """What one attempt of any tenant's job printed (the recipe's output, every rank's stderr), as text."""
+    key = jobs.attempt_log_key(storage, jobs.get_job(session, None, job_id), attempt)
+    return StreamingResponse(storage.iter_chunks(key), media_type="text/plain; charset=utf-8")
 
 
 class KeyObject(BaseModel):

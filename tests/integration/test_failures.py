@@ -65,6 +65,7 @@ def test_a_ranks_exception_fails_the_job_naming_it_and_every_ranks_log_is_kept(
     assert "[default1]:ValueError: injected fault after step 3" in log.text
     assert "[default1]:Traceback (most recent call last):" in log.text
     assert failure["data"]["log"] == f"/v1/fine_tuning/jobs/{job['id']}/attempts/1/log"
+    assert stack.client.get(f"/admin/jobs/{job['id']}/attempts/1/log").text == log.text  # admins: any tenant's
     # The tenant's own: another tenant gets the JSON API's 404, and an attempt that never ran has no log.
     other = {"Authorization": f"Bearer {stack.create_key('someone-else')}"}
     assert stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/attempts/1/log", headers=other).status_code == 404
