@@ -22,22 +22,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_tiny_model(tokenizer_source: Path, target: Path) -> Path:
-    """A 2-layer random Llama with the demo model's tokenizer and chat template (about 3M parameters)."""
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_model(tokenizer_source: Path, target: Path, **shape) -> Path:
+    """A random Llama with the demo model's tokenizer and chat template: by default 2 layers, about 3M
+    parameters; `shape` (LlamaConfig fields) builds another, such as SmolLM2-135M's."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
+        **{"vocab_size": len(tokenizer), **(shape or TINY_LLAMA)},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, SAMPLE, Stack, extract_zip, training_processes, write_jsonl
+from tests.support import ROOT, SAMPLE, Stack, build_tiny_model, extract_zip, training_processes, write_jsonl
 
 
 def cuda_devices() -> tuple[int, str]:
@@ -79,20 +79,7 @@ SMOLLM2_135M = dict(
 
 def build_smollm2_shaped_model(tokenizer_source: Path, target: Path) -> Path:
     """A Llama of SmolLM2-135M's shapes with random weights (bf16, like an imported model), with its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **SMOLLM2_135M,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    return build_tiny_model(tokenizer_source, target, **SMOLLM2_135M)
 
 
 class RecipeEnvironments(threading.Thread):
