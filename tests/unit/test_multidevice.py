@@ -41,6 +41,8 @@ def run_distributed(tmp_path, config: dict, name: str, processes: int = 2) -> tu
     )  # fmt: skip
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
     assert events, result.stderr[-3000:]
+    if result.returncode != 0:  # shown with the failure: every rank's stderr says why
+        print(result.stderr[-8000:])
     return result.returncode, events, time.monotonic() - started
 
 

@@ -100,6 +100,14 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def close() -> None:
+    """Every rank arrives, then the process group is taken down in order: a rank that exits while another
+    still holds the group can make that one fail at its exit, and the run with it."""
+    if active() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def full_parameters(params, stage: int):
     """Under ZeRO-3 the LoRA weights are partitioned across ranks: gather them to save the adapter."""

@@ -62,6 +62,7 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
         loop.run()
     except Paused as paused:
         reporter.event("paused", step=paused.step, path=str(out / "resume"), metrics=loop.checkpoint_metrics())
+        distributed.close()
         raise
     adapter_dir = out / "adapter"
     chosen = loop.deliver(adapter_dir)
@@ -69,6 +70,7 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     if distributed.rank() == 0:
         write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
     reporter.event("done", adapter=str(adapter_dir), trained_tokens=loop.trained_tokens, metrics=metrics)
+    distributed.close()
     return metrics
 
 
