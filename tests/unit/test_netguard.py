@@ -67,9 +67,9 @@ attempts = {
     "connect_ex": lambda: socket.socket().connect_ex(("192.0.2.1", 443)),
     "udp": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("192.0.2.1", 53)),
     "ipv6": lambda: socket.socket(socket.AF_INET6).connect(("2001:db8::1", 80)),
-    "name": lambda: socket.getaddrinfo("example.com", 443),
-    "gethostbyname": lambda: socket.gethostbyname("example.com"),
-    "httpx": lambda: httpx.get("https://example.com/", timeout=2),
+    "name": lambda: socket.getaddrinfo("guard-check.invalid", 443),
+    "gethostbyname": lambda: socket.gethostbyname("guard-check.invalid"),
+    "httpx": lambda: httpx.get("https://guard-check.invalid/", timeout=2),
 }
 refused = {}
 for name, attempt in attempts.items():
@@ -113,7 +113,7 @@ def test_a_child_process_reaches_loopback_only(tmp_path):
         assert line.startswith("pid ") and "refused; from " in line and "<string>:" in line, line
     for target in ("('192.0.2.1', 80)", "('192.0.2.1', 443)", "('192.0.2.1', 53)", "('2001:db8::1', 80)"):
         assert any(target in line for line in lines), (target, lines)
-    assert sum("'example.com'" in line for line in lines) == 3, lines
+    assert sum("'guard-check.invalid'" in line for line in lines) == 3, lines
     assert [line.split()[1] for line in lines] == [lines[0].split()[1]] * 7  # all from the child's pid
 
 
