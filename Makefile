@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shared.cli demo
+	$(PY) -m tunequeue demo
 
 run: $(STAMP)
-	$(PY) -m shared.cli dev
+	$(PY) -m tunequeue dev
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=25
@@ -41,7 +41,8 @@ gpu-check: $(STAMP)
 	$(PY) -m pytest tests/gpu -s -rA
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check api worker shared tests
+	$(VENV)/bin/ruff check api worker shared tunequeue tests
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 clean:

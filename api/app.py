@@ -2,13 +2,16 @@ import logging
 
 from fastapi import Depends, FastAPI
 
-from api import errors
+from api import docs, errors
 from api.deps import principal, require_admin
 from api.limits import BodyLimit
 from api.routers import admin, files, health, jobs, models, webhooks
+from shared.jobs import state
+from shared.webhooks.service import record_job_transition
 
 
 def create_app() -> FastAPI:
+    state.after_transition(record_job_transition)  # jobs created or cancelled here reach webhooks
     app = FastAPI(
         title="tunequeue",
         version="0.1.0",
@@ -16,7 +19,10 @@ def create_app() -> FastAPI:
         # Any route may answer these: a bad request, a missing key, an unknown id, a body over its limit, or the
         # database or storage being away. Routers add their own (403, 409, 422, 429).
         responses=errors.declare(400, 401, 404, 413, 503),
+        docs_url=None,
+        redoc_url=None,
     )
+    docs.install(app)
     errors.install(app)
     app.add_middleware(BodyLimit)
     for router in (files.router, jobs.router, models.router, webhooks.router):

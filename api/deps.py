@@ -51,7 +51,6 @@ def _tenant(caller: Annotated[Principal, Depends(principal)]) -> str:
 
 
 Caller = Annotated[Principal, Depends(principal)]
-Admin = Annotated[Principal, Depends(require_admin)]
 Tenant = Annotated[str, Depends(_tenant)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -33,7 +33,7 @@ def base_model() -> Path:
 
 
 def sample_lines(examples: int) -> list[str]:
-    return (ROOT / "data/sample/train.jsonl").read_text().splitlines()[:examples]
+    return (ROOT / "tunequeue/sample/train.jsonl").read_text().splitlines()[:examples]
 
 
 def mixed_length_lines(examples: int, seed: int = 0) -> list[str]:

@@ -3,7 +3,6 @@ transaction; services only `flush()`. Work that must happen only once the transa
 a task) is registered with `after_commit` and dropped on rollback."""
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -12,6 +11,7 @@ from typing import TypeVar
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from shared.settings import get_settings
 
@@ -108,7 +108,9 @@ def session_scope() -> Iterator[Session]:
 IDLE_TRANSACTION_ENDED = "25P03"  # Postgres ended a transaction left idle too long (`for_workers`)
 
 
-def _connection_lost(exc: DBAPIError) -> bool:
+def _connection_lost(exc: BaseException) -> bool:
+    if not isinstance(exc, DBAPIError):
+        return False
     return isinstance(exc, (OperationalError, InterfaceError)) or getattr(exc.orig, "sqlstate", None) == (
         IDLE_TRANSACTION_ENDED
     )
@@ -118,14 +120,20 @@ def retrying(action: Callable[[Session], T], what: str, deadline_seconds: float 
     """Run `action` in its own transaction, and run it again while the database is unreachable (a restart, a
     failover) for up to `deadline_seconds`. For a worker's writes: training goes on meanwhile, and the writes
     are fenced, so running one twice is harmless."""
-    started, delay = time.monotonic(), 0.5
-    while True:
-        try:
-            with session_scope() as session:
-                return action(session)
-        except DBAPIError as exc:
-            if not _connection_lost(exc) or time.monotonic() - started > deadline_seconds:
-                raise
-            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+    def log_retry(retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+
+    def in_transaction() -> T:
+        with session_scope() as session:
+            return action(session)
+
+    return Retrying(
+        retry=retry_if_exception(_connection_lost),
+        wait=wait_exponential(multiplier=0.5, max=5.0),
+        stop=stop_after_delay(deadline_seconds),
+        before_sleep=log_retry,
+        reraise=True,
+    )(in_transaction)

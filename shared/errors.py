@@ -32,12 +32,6 @@ class Conflict(TunequeueError):
     code = "conflict"
 
 
-class ServiceUnavailable(TunequeueError):
-    status_code = 503
-    type = "server_error"
-    code = "service_unavailable"
-
-
 class Unauthenticated(TunequeueError):
     status_code = 401
     code = "invalid_api_key"
@@ -62,8 +56,3 @@ class PermissionDenied(TunequeueError):
     status_code = 403
     type = "permission_error"
     code = "permission_denied"
-
-
-class PayloadTooLarge(TunequeueError):
-    status_code = 413
-    code = "payload_too_large"

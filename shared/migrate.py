@@ -1,12 +1,32 @@
 """Alembic driven from code, so `tunequeue db upgrade` works from an installed package with no alembic.ini."""
 
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine
+from sqlalchemy.engine import make_url
 
 import migrations
 from shared.settings import get_settings
+
+# Alembic reports each step at INFO; the CLI says what changed in one line instead.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    current: str | None  # None: no tunequeue schema at all
+    head: str
+
+    @property
+    def is_current(self) -> bool:
+        return self.current == self.head
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -24,5 +44,36 @@ def downgrade(revision: str, url: str | None = None) -> None:
     command.downgrade(alembic_config(url), revision)
 
 
-def current(url: str | None = None) -> None:
-    command.current(alembic_config(url), verbose=True)
+def schema_state(url: str | None = None) -> SchemaState:
+    """Where the database stands against the newest migration; raises SQLAlchemy's OperationalError when the
+    database cannot be reached."""
+    url = url or get_settings().resolved_database_url
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return state_of(connection)
+    finally:
+        engine.dispose()
+
+
+def state_of(connection: Connection) -> SchemaState:
+    return SchemaState(current=MigrationContext.configure(connection).get_current_revision(), head=head_revision())
+
+
+@lru_cache
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head() or ""
+
+
+def require_current(connection: Connection) -> None:
+    """For readiness probes: a server on an old schema is not ready, whatever else answers."""
+    state = state_of(connection)
+    if state.current is None:
+        raise RuntimeError("the database has no tunequeue tables: run `tunequeue db upgrade`")
+    if not state.is_current:
+        raise RuntimeError(f"schema {state.current}, this version needs {state.head}: run `tunequeue db upgrade`")
+
+
+def describe_database(url: str | None = None) -> str:
+    """The database URL with its password hidden, for messages."""
+    return make_url(url or get_settings().resolved_database_url).render_as_string(hide_password=True)

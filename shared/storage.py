@@ -1,12 +1,11 @@
 """Object storage behind one small interface: a local folder (embedded mode) or S3 (boto3, any endpoint).
 Keys are '/'-separated paths built by the server, never by the user."""
 
-import hashlib
+import io
 import logging
 import os
 import shutil
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -14,9 +13,11 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from shared.checksums import CHUNK, HashingReader, sha256_stream
 from shared.settings import get_settings
 
-CHUNK = 1024 * 1024
 T = TypeVar("T")
 log = logging.getLogger("tunequeue.storage")
 
@@ -55,8 +56,6 @@ class Storage(ABC):
             return self.put_stream(key, stream)
 
     def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
-        import io
-
         return self.put_stream(key, io.BytesIO(data))
 
     def get_bytes(self, key: str) -> bytes:
@@ -64,39 +63,50 @@ class Storage(ABC):
 
     def download(self, key: str, path: Path) -> str:
         """Copy an object to a local file; returns its sha256."""
-        digest = hashlib.sha256()
         path.parent.mkdir(parents=True, exist_ok=True)
         # unique per writer: two workers (or threads) fetching the same model into one cache must not share it
         partial = path.with_name(f"{path.name}.part-{os.getpid()}-{threading.get_ident()}")
         with open(partial, "wb") as out:
-            for chunk in self.iter_chunks(key):
-                digest.update(chunk)
-                out.write(chunk)
+            sha256 = sha256_stream(_written(self.iter_chunks(key), out))
         partial.replace(path)
-        return digest.hexdigest()
+        return sha256
 
     def sha256_of(self, key: str) -> str:
         """The sha256 of the object as stored (read back, not taken from the writer's word)."""
-        digest = hashlib.sha256()
-        for chunk in self.iter_chunks(key):
-            digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_stream(self.iter_chunks(key))
+
+
+def _written(chunks: Iterator[bytes], out: BinaryIO) -> Iterator[bytes]:
+    """Each chunk, once written to `out`: the file and its digest come from one pass."""
+    for chunk in chunks:
+        out.write(chunk)
+        yield chunk
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, ObjectNotFound)
 
 
 def with_retries(action: Callable[[], T], what: str, tries: int = 5, base_delay: float = 0.5) -> T:
     """Run `action`, retrying with exponential backoff; the last failure is raised as a StorageError that
     says what was being done. A missing object is not retried."""
-    for attempt in range(1, tries + 1):
-        try:
-            return action()
-        except ObjectNotFound:
-            raise
-        except Exception as exc:
-            if attempt == tries:
-                raise StorageError(f"{what} failed after {tries} tries: {type(exc).__name__}: {exc}") from exc
-            log.warning("%s failed (try %d of %d): %s; retrying", what, attempt, tries, exc)
-            time.sleep(base_delay * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+
+    def log_retry(retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        log.warning("%s failed (try %d of %d): %s; retrying", what, retry_state.attempt_number, tries, exc)
+
+    try:
+        return Retrying(
+            retry=retry_if_exception(_worth_retrying),
+            wait=wait_exponential(multiplier=base_delay),
+            stop=stop_after_attempt(tries),
+            before_sleep=log_retry,
+            reraise=True,
+        )(action)
+    except ObjectNotFound:
+        raise
+    except Exception as exc:
+        raise StorageError(f"{what} failed after {tries} tries: {type(exc).__name__}: {exc}") from exc
 
 
 def put_verified(storage: "Storage", key: str, data: bytes | BinaryIO, tries: int = 5) -> str:
@@ -142,21 +152,6 @@ class ChecksumMismatch(StorageError):
     pass
 
 
-class _HashingReader:
-    """Wraps a stream so that bytes and sha256 are known once it has been read through."""
-
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-
 class LocalStorage(Storage):
     def __init__(self, root: Path):
         self.root = root
@@ -171,13 +166,13 @@ class LocalStorage(Storage):
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        reader = _HashingReader(stream)
+        reader = HashingReader(stream)
         # unique per writer: two workers (or threads) fetching the same model into one cache must not share it
         partial = path.with_name(f"{path.name}.part-{os.getpid()}-{threading.get_ident()}")
         with open(partial, "wb") as out:
             shutil.copyfileobj(reader, out, CHUNK)  # type: ignore[misc]
         partial.replace(path)  # atomic: a reader never sees a half-written object
-        return reader.size, reader.digest.hexdigest()
+        return reader.size, reader.hexdigest()
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
@@ -224,9 +219,9 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
-        reader = _HashingReader(stream)
+        reader = HashingReader(stream)
         self.client.upload_fileobj(reader, self.bucket, self._key(key))
-        return reader.size, reader.digest.hexdigest()
+        return reader.size, reader.hexdigest()
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         from botocore.exceptions import ClientError
@@ -262,14 +257,6 @@ class S3Storage(Storage):
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
-
-    def ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
 
 
 def storage_from_url(url: str, endpoint_url: str | None = None) -> Storage:

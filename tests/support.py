@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data" / "sample"
+SAMPLE = ROOT / "tunequeue" / "sample"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -73,7 +73,7 @@ class Stack:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [sys.executable, "-m", "shared.cli", *args], env=self.env, cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-m", "tunequeue", *args], env=self.env, cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 0, f"tunequeue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
         return result
@@ -102,7 +102,7 @@ class Stack:
 
     def start_worker(self, name: str = "worker", *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """A worker process; `env` adds to the stack's settings for this worker only (e.g. its TMPDIR)."""
-        return self._spawn(name, [sys.executable, "-m", "shared.cli", "worker", *args], env)
+        return self._spawn(name, [sys.executable, "-m", "tunequeue", "worker", *args], env)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")
@@ -226,7 +226,8 @@ def embedded_in_process(monkeypatch, data_dir: Path, tiny_model: Path | None = N
         monkeypatch.setenv(f"TUNEQUEUE_{name.upper()}", value)
     for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
         monkeypatch.delenv(key, raising=False)
-    from shared import cli, migrate
+    from shared import migrate
+    from tunequeue.commands import models as cli
 
     migrate.upgrade()
     if tiny_model is not None:

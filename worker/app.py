@@ -8,29 +8,29 @@ from celery import signals
 
 from shared.db import for_workers, session_scope
 from shared.ids import now
+from shared.jobs import state
 from shared.jobs.recovery import sweep
 from shared.queue import check_long_job_config
 from shared.settings import get_settings
-from shared.webhooks.service import redispatch_pending
-from shared.workers.models import WorkerHeartbeat
+from shared.webhooks.service import record_job_transition, redispatch_pending
+from shared.workers import service as workers
 from worker import runner, tasks
 
 app = tasks.app
+state.after_transition(record_job_transition)  # the worker's transitions reach webhooks too
 _stop = threading.Event()
 log = logging.getLogger("tunequeue.worker")
 
 
 def beat_once(hostname: str, started_at: int) -> None:
     with session_scope() as session:
-        session.merge(
-            WorkerHeartbeat(
-                hostname=hostname,
-                pid=os.getpid(),
-                started_at=started_at,
-                last_heartbeat=now(),
-                current_jobs=sorted(tasks.RUNNING_JOBS),
-                info={"queue": get_settings().queue_name, "slots": tasks.get_slots().describe()},
-            )
+        workers.record_heartbeat(
+            session,
+            hostname,
+            pid=os.getpid(),
+            started_at=started_at,
+            current_jobs=sorted(tasks.RUNNING_JOBS),
+            info={"queue": get_settings().queue_name, "slots": tasks.get_slots().describe()},
         )
 
 

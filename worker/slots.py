@@ -7,9 +7,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shared.db import session_scope
-from shared.workers.models import DeviceUsage
-
 ENV = "TUNEQUEUE_WORKER_DEVICES"  # "gpu:0,1,2,3" or "cpu:2", set by `tunequeue worker`
 
 
@@ -83,24 +80,6 @@ class Slots:
     def describe(self) -> dict:
         with self.condition:
             return {"kind": self.kind, "total": self.total, "free": len(self.free), "devices": list(self.ids)}
-
-
-def record_start(worker: str, lease: Lease, job_id: str, attempt: int) -> list[int]:
-    started = int(time.time() * 1000)
-    with session_scope() as session:
-        rows = [
-            DeviceUsage(worker=worker, device=name, job_id=job_id, attempt=attempt, started_at_ms=started)
-            for name in lease.names
-        ]
-        session.add_all(rows)
-        session.flush()
-        return [row.id for row in rows]
-
-
-def record_end_in(session, row_ids: list[int]) -> None:
-    from sqlalchemy import update
-
-    session.execute(update(DeviceUsage).where(DeviceUsage.id.in_(row_ids)).values(ended_at_ms=int(time.time() * 1000)))
 
 
 def detect() -> str:

@@ -18,8 +18,9 @@ from shared.jobs.models import Job
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery
 from shared.settings import get_settings
 from shared.storage import StorageError, get_storage
+from shared.workers import service as workers
 from worker.runner import JobRunner, RecipeFailed, RetryAttempt
-from worker.slots import Lease, Slots, record_end_in, record_start
+from worker.slots import Lease, Slots
 
 log = logging.getLogger("tunequeue.worker")
 app = get_celery()
@@ -113,13 +114,16 @@ def train(job_id: str) -> None:
         if attempt is None:
             log.info("job %s not claimable (already taken, finished or cancelled); acking", job_id)
             return
-        usage = record_start(worker_name(), lease, job_id, attempt)
+        with session_scope() as session:
+            usage = workers.start_device_usage(session, worker_name(), lease.names, job_id, attempt)
         RUNNING_JOBS.add(job_id)
         run_attempt(job_id, attempt, lease)
     finally:
         RUNNING_JOBS.discard(job_id)
         if usage:
-            retrying(lambda session: record_end_in(session, usage), f"recording device release of {job_id}")
+            retrying(
+                lambda session: workers.end_device_usage(session, usage), f"recording device release of {job_id}"
+            )
         slots.release(lease)
 
 

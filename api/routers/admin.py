@@ -7,19 +7,17 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
-from sqlalchemy import func, select
 
 from api.deps import DbSession, StorageDep
 from api.errors import declare
 from shared.auth import service as keys
 from shared.ids import now
 from shared.jobs import service as jobs
-from shared.jobs import state
-from shared.jobs.models import Job
-from shared.jobs.schemas import FineTuningJob, Page
-from shared.jobs.service import counts_by_status, recent_failures
+from shared.jobs.schemas import FineTuningJob, TenantJob
+from shared.jobs.status import JobStatus
+from shared.pagination import Listing, Page
 from shared.queue import queue_depth
-from shared.workers.models import WorkerHeartbeat
+from shared.workers import service as workers
 
 TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # what `keys create --tenant` accepts; filters take the same
 
@@ -32,9 +30,8 @@ def overview(session: DbSession):
         depth = queue_depth()
     except Exception:  # the broker being away must not take the overview down with it
         depth = None
-    workers = session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.hostname))
     return {
-        "jobs_by_status": counts_by_status(session),
+        "jobs_by_status": jobs.counts_by_status(session),
         "queue_depth": depth,
         "workers": [
             {
@@ -46,7 +43,7 @@ def overview(session: DbSession):
                 "current_jobs": w.current_jobs,
                 "slots": (w.info or {}).get("slots"),  # kind, total, free, device ids
             }
-            for w in workers
+            for w in workers.list_workers(session)
         ],
         "running": [
             {
@@ -58,44 +55,39 @@ def overview(session: DbSession):
                 "step": (j.progress or {}).get("step"),
                 "total_steps": (j.progress or {}).get("total_steps"),
             }
-            for j in session.scalars(select(Job).where(Job.status == state.RUNNING).order_by(Job.started_at))
+            for j in jobs.running_jobs(session)
         ],
         "recent_failures": [
             {"id": j.id, "tenant": j.tenant, "model": j.model, "finished_at": j.finished_at, "error": j.error}
-            for j in recent_failures(session)
+            for j in jobs.recent_failures(session)
         ],
     }
 
 
-@router.get("/tenants")
+class TenantSummary(BaseModel):
+    tenant: str
+    jobs_by_status: dict[str, int] = Field(description="Only the statuses the tenant has jobs in")
+
+
+@router.get("/tenants", response_model=Listing[TenantSummary])
 def tenants(session: DbSession):
     """Every tenant with jobs or keys, and its jobs by status."""
-    counts: dict[str, dict[str, int]] = {}
-    for tenant, status, count in session.execute(
-        select(Job.tenant, Job.status, func.count()).group_by(Job.tenant, Job.status)
-    ):
-        counts.setdefault(tenant, {})[status] = count
+    counts = jobs.counts_by_tenant(session)
     for key in keys.list_keys(session):
         counts.setdefault(key.tenant, {})
-    return {"object": "list", "data": [{"tenant": t, "jobs_by_status": c} for t, c in sorted(counts.items())]}
+    return Listing[TenantSummary](data=[TenantSummary(tenant=t, jobs_by_status=c) for t, c in sorted(counts.items())])
 
 
-@router.get("/jobs", response_model=Page)
+@router.get("/jobs", response_model=Page[TenantJob])
 def list_all_jobs(
     session: DbSession,
     tenant: str | None = Query(None, pattern=TENANT_NAME),
-    status: Literal[state.ALL_STATUSES] | None = None,  # type: ignore[valid-type]
+    status: JobStatus | None = None,
     after: str | None = None,
     limit: int = Query(20, ge=1, le=100),
 ):
     selected = jobs.list_jobs(session, tenant, after=after, limit=limit + 1, status=status)
-    data = [{**FineTuningJob.of(j).model_dump(mode="json"), "tenant": j.tenant} for j in selected[:limit]]
-    return Page(
-        data=data,
-        has_more=len(selected) > limit,
-        first_id=data[0]["id"] if data else None,
-        last_id=data[-1]["id"] if data else None,
-    )
+    return Page[TenantJob].of(selected, limit, TenantJob.of).with_ids()
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob)
@@ -125,11 +117,6 @@ class CreatedKey(KeyObject):
     secret: str = Field(description="Shown once, here; only its hash is stored")
 
 
-class KeyList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[KeyObject]
-
-
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=TENANT_NAME, examples=["acme"])
@@ -137,9 +124,9 @@ class KeyCreate(BaseModel):
     name: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
-@router.get("/keys", response_model=KeyList)
+@router.get("/keys", response_model=Listing[KeyObject])
 def list_keys(session: DbSession, tenant: str | None = Query(None, pattern=TENANT_NAME)):
-    return {"object": "list", "data": [keys.describe(k) for k in keys.list_keys(session, tenant)]}
+    return Listing[KeyObject](data=[KeyObject(**keys.describe(k)) for k in keys.list_keys(session, tenant)])
 
 
 @router.post("/keys", response_model=CreatedKey)

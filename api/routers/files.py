@@ -1,4 +1,3 @@
-import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Header, Query, UploadFile
@@ -6,10 +5,11 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, SettingsDep, StorageDep, Tenant
 from api.errors import declare
+from shared.checksums import iter_file_chunks, sha256_stream
 from shared.files import service
 from shared.files.schemas import FileDeleted, FileObject
 from shared.idempotency.service import idempotent, request_fingerprint
-from shared.jobs.schemas import Page
+from shared.pagination import Page
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=declare(409))
 
@@ -45,14 +45,12 @@ def create_file(
 
 
 def upload_sha256(file: UploadFile) -> str:
-    digest = hashlib.sha256()
-    while chunk := file.file.read(1024 * 1024):
-        digest.update(chunk)
+    digest = sha256_stream(iter_file_chunks(file.file))
     file.file.seek(0)
-    return digest.hexdigest()
+    return digest
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[FileObject])
 def list_files(
     session: DbSession,
     tenant: Tenant,
@@ -62,13 +60,7 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ):
     files = service.list_files(session, tenant, purpose=purpose, after=after, limit=limit + 1, order=order)
-    data = [FileObject.of(f) for f in files[:limit]]
-    return Page(
-        data=data,
-        has_more=len(files) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return Page[FileObject].of(files, limit, FileObject.of).with_ids()
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -1,7 +1,7 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
+from shared import migrate
 from shared.db import get_engine
 from shared.queue import get_celery
 from shared.storage import get_storage
@@ -33,7 +33,7 @@ def _check(probe) -> str:
 
 def _database() -> None:
     with get_engine().connect() as connection:
-        connection.execute(text("SELECT 1"))
+        migrate.require_current(connection)
 
 
 def _broker() -> None:

@@ -6,11 +6,12 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import Caller, DbSession, SettingsDep, StorageDep, Tenant
 from api.errors import declare
-from shared.errors import InvalidRequest, NotFound
+from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
-from shared.jobs import service, state
-from shared.jobs.errors import AdapterNotReady
-from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject, Page
+from shared.jobs import service
+from shared.jobs.estimate import dry_run
+from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject
+from shared.pagination import Page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=declare(409, 422, 429))
 
@@ -26,7 +27,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
     if request.dry_run:
-        return service.dry_run(session, storage, settings, tenant, request)
+        return dry_run(session, storage, settings, tenant, request)
 
     def create() -> dict:
         job = service.create_job(
@@ -43,13 +44,12 @@ def create_job(
     return idempotent(session, tenant, idempotency_key, "POST /v1/fine_tuning/jobs", fingerprint, create)
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[FineTuningJob])
 def list_jobs(
     session: DbSession, tenant: Tenant, http: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)
 ):
     jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
-    data = [FineTuningJob.of(j) for j in jobs[:limit]]
-    return Page(data=data, has_more=len(jobs) > limit)
+    return Page[FineTuningJob].of(jobs, limit, FineTuningJob.of)
 
 
 def _metadata_filter(http: Request) -> dict[str, str] | None:
@@ -84,29 +84,23 @@ def resume_job(session: DbSession, tenant: Tenant, job_id: str):
     return FineTuningJob.of(service.resume_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/events", response_model=Page)
+@router.get("/{job_id}/events", response_model=Page[JobEventObject])
 def list_events(
     session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
 ):
     job = service.get_job(session, tenant, job_id)
     events = service.list_events(session, job, after=after, limit=limit + 1)
-    return Page(data=[JobEventObject.of(e) for e in events[:limit]], has_more=len(events) > limit)
+    return Page[JobEventObject].of(events, limit, JobEventObject.of)
 
 
-@router.get("/{job_id}/checkpoints", response_model=Page)
+@router.get("/{job_id}/checkpoints", response_model=Page[CheckpointObject])
 def list_checkpoints(
     session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)
 ):
     job = service.get_job(session, tenant, job_id)
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
     name = service.fine_tuned_model_name(job)
-    data = [CheckpointObject.of(c, name) for c in checkpoints[:limit]]
-    return Page(
-        data=data,
-        has_more=len(checkpoints) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return Page[CheckpointObject].of(checkpoints, limit, lambda c: CheckpointObject.of(c, name)).with_ids()
 
 
 @router.get("/{job_id}/attempts/{attempt}/log", responses=declare(404))
@@ -121,18 +115,12 @@ def attempt_log(session: DbSession, storage: StorageDep, tenant: Tenant, job_id:
 @router.get("/{job_id}/adapter")
 def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str):
     """tunequeue's own: the trained adapter as a zip (adapter_config.json, adapter_model.safetensors, manifest.json)."""
-    job = service.get_job(session, tenant, job_id)
-    if job.model_deleted_at is not None:
-        raise NotFound(
-            f"The adapter of {job_id} was deleted with its model {job.fine_tuned_model}", code="model_deleted"
-        )
-    if job.status != state.SUCCEEDED or not job.adapter_key:
-        raise AdapterNotReady(job_id, job.status)
+    key, sha256 = service.downloadable_adapter(session, tenant, job_id)
     return StreamingResponse(
-        storage.iter_chunks(job.adapter_key),
+        storage.iter_chunks(key),
         media_type="application/zip",
         headers={
             "Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"',
-            "X-Adapter-SHA256": job.adapter_sha256 or "",
+            "X-Adapter-SHA256": sha256 or "",
         },
     )

@@ -1,15 +1,25 @@
+from typing import Literal
+
 from fastapi import APIRouter
+from pydantic import BaseModel
 
 from api.deps import DbSession, StorageDep, Tenant
 from shared.catalog import service
-from shared.jobs.schemas import Page
+from shared.pagination import Page
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=Page)
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+@router.get("", response_model=Page[ModelObject])
 def list_models(session: DbSession, tenant: Tenant):
-    return Page(data=service.list_models(session, tenant), has_more=False)
+    return Page[ModelObject].whole([ModelObject(**m) for m in service.list_models(session, tenant)])
 
 
 @router.get("/{model_id:path}")

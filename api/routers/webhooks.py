@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import DbSession, Tenant
-from shared.jobs.schemas import Page
+from shared.pagination import Page
 from shared.webhooks import service
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -28,6 +28,7 @@ class EndpointCreate(BaseModel):
 
 
 class EndpointObject(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from the WebhookEndpoint row
     id: str
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
     url: str
@@ -39,27 +40,30 @@ class CreatedEndpoint(EndpointObject):
     secret: str = Field(description="Shown once: verify deliveries' signatures with it")
 
 
-def _endpoint(endpoint, secret: bool = False) -> dict:
-    body = {
-        "id": endpoint.id,
-        "object": "webhook_endpoint",
-        "url": endpoint.url,
-        "created_at": endpoint.created_at,
-        "enabled": endpoint.enabled,
-    }
-    if secret:
-        body["secret"] = endpoint.secret  # shown once: verify deliveries with it
-    return body
+class DeliveryObject(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from the WebhookDelivery row
+    id: str
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    type: str
+    job_id: str
+    status: str = Field(description="pending, delivered or failed")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: int
+    delivered_at: int | None
+    history: list
 
 
 @router.post("", response_model=CreatedEndpoint)
 def create_endpoint(session: DbSession, tenant: Tenant, request: EndpointCreate):
-    return _endpoint(service.create_endpoint(session, tenant, request.url), secret=True)
+    return CreatedEndpoint.model_validate(service.create_endpoint(session, tenant, request.url))  # secret shown once
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[EndpointObject])
 def list_endpoints(session: DbSession, tenant: Tenant):
-    return Page(data=[_endpoint(e) for e in service.list_endpoints(session, tenant)], has_more=False)
+    endpoints = service.list_endpoints(session, tenant)
+    return Page[EndpointObject].whole([EndpointObject.model_validate(e) for e in endpoints])
 
 
 @router.delete("/{endpoint_id}")
@@ -68,23 +72,8 @@ def delete_endpoint(session: DbSession, tenant: Tenant, endpoint_id: str):
     return {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
 
 
-@router.get("/{endpoint_id}/deliveries", response_model=Page)
+@router.get("/{endpoint_id}/deliveries", response_model=Page[DeliveryObject])
 def list_deliveries(session: DbSession, tenant: Tenant, endpoint_id: str):
     endpoint = service.get_endpoint(session, tenant, endpoint_id)
-    data = [
-        {
-            "id": d.id,
-            "object": "webhook_delivery",
-            "type": d.type,
-            "job_id": d.job_id,
-            "status": d.status,
-            "attempts": d.attempts,
-            "last_status_code": d.last_status_code,
-            "last_error": d.last_error,
-            "created_at": d.created_at,
-            "delivered_at": d.delivered_at,
-            "history": d.history,
-        }
-        for d in service.list_deliveries(session, endpoint)
-    ]
-    return Page(data=data, has_more=False)
+    deliveries = service.list_deliveries(session, endpoint)
+    return Page[DeliveryObject].whole([DeliveryObject.model_validate(d) for d in deliveries])

@@ -71,10 +71,15 @@ def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
     return list(session.scalars(query))
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
+def get_key(session: Session, key_id: str) -> ApiKey:
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"No such API key: {key_id!r}", param="key_id", code="api_key_not_found")
+    return key
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    key = get_key(session, key_id)
     if key.revoked_at is None:
         key.revoked_at = now()
         session.flush()

@@ -1,7 +1,6 @@
 """Base models: imported once into the model store (files in object storage, a row here); each worker
 keeps a verified local copy."""
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from shared.basemodels.errors import UnknownBaseModel
 from shared.basemodels.models import BaseModelRecord
+from shared.checksums import sha256_file
 from shared.errors import InvalidRequest
 from shared.ids import now
 from shared.storage import Storage
@@ -84,6 +84,13 @@ def describe_folder(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} needs config.json and *.safetensors (a Hugging Face model folder)")
     config = json.loads(config_path.read_text())
     refuse_unsafe_folder(folder, config)
+    if not (folder / "tokenizer.json").is_file():
+        # Dataset checks and the loss mask read tokenizer.json (the `tokenizers` library, no torch): without it
+        # every job on this model would fail at validation.
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer.json: save the tokenizer beside the weights "
+            "(`AutoTokenizer.from_pretrained(...).save_pretrained(folder)`) and import again"
+        )
     parameters = 0
     linear = set()
     for path in weights:
@@ -129,7 +136,7 @@ def ensure_local_copy(
     wanted = {k: v for k, v in record.files.items() if only is None or k in only}
     for name, expected in wanted.items():
         path = folder / name
-        if path.is_file() and _sha256(path) == expected:
+        if path.is_file() and sha256_file(path) == expected:
             continue
         actual = storage.download(f"{record.storage_prefix}/{name}", path)
         if actual != expected:
@@ -142,11 +149,3 @@ def ensure_local_copy(
 
 def _mark_verified(folder: Path, files: dict) -> None:
     (folder / _VERIFIED_MARKER).write_text(json.dumps(files, sort_keys=True))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -19,6 +19,7 @@ from shared.ids import now
 from shared.jobs import execution, state
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job, JobEvent
+from shared.jobs.status import JobStatus
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish, waiting_messages
 from shared.settings import Settings, get_settings
 
@@ -45,7 +46,7 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.attempt, Job.worker).where(
-                Job.status == state.RUNNING,
+                Job.status == JobStatus.RUNNING,
                 or_(
                     Job.lease_expires_at < timestamp,
                     # a job claimed before leases existed: its updated_at stands in
@@ -57,11 +58,11 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
         reason = f"Attempt {attempt} lost: worker {worker} stopped renewing its lease"
         with session_scope() as session:
             outcome = execution.requeue_job(session, job_id, attempt, reason, max_attempts=settings.max_attempts)
-            if outcome == state.QUEUED:
+            if outcome == JobStatus.QUEUED:
                 after_commit(session, functools.partial(dispatch_training, job_id))
-        if outcome == state.QUEUED:
+        if outcome == JobStatus.QUEUED:
             report.requeued.append(job_id)
-        elif outcome == state.FAILED:
+        elif outcome == JobStatus.FAILED:
             report.failed.append(job_id)
         if outcome:
             log.warning("%s: %s → %s", job_id, reason, outcome)
@@ -78,7 +79,7 @@ def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
     with session_scope() as session:
         stale = session.execute(
             select(Job.id, Job.status, Job.updated_at, Job.cancel_requested).where(
-                Job.status.in_((state.VALIDATING, state.QUEUED)), Job.updated_at < cutoff
+                Job.status.in_((JobStatus.VALIDATING, JobStatus.QUEUED)), Job.updated_at < cutoff
             )
         ).all()
     if not stale:
@@ -90,9 +91,9 @@ def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
     for job_id, status, updated_at, cancel_requested in stale:
         if cancel_requested:  # cancelled while its worker died: finish the cancel instead
             with session_scope() as session:
-                state.transition(session, job_id, state.CANCELLED, expect={status})
+                state.transition(session, job_id, JobStatus.CANCELLED, expect={status})
             continue
-        task = VALIDATE_TASK if status == state.VALIDATING else TRAIN_TASK
+        task = VALIDATE_TASK if status == JobStatus.VALIDATING else TRAIN_TASK
         if (task, job_id) in waiting:
             continue
         with session_scope() as session:

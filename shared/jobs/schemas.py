@@ -5,9 +5,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.jobs import defaults
 from shared.jobs.models import Checkpoint, Job, JobEvent
+from shared.jobs.status import JobStatus
 
-QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 ModuleName = Annotated[str, Field(min_length=1, max_length=128)]
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters (Postgres text cannot even hold a NUL)
 MetadataKey = Annotated[str, Field(max_length=64, pattern=PRINTABLE)]
@@ -89,21 +90,23 @@ class JobCreate(BaseModel):
     method: Method | None = None
     integrations: list[Any] | None = None
     # tunequeue's QLoRA knobs
-    lora_r: int = Field(default=16, ge=1, le=1024)
-    lora_alpha: float = Field(default=32, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_r: int = Field(default=defaults.LORA_R, ge=1, le=1024)
+    lora_alpha: float = Field(default=defaults.LORA_ALPHA, gt=0)
+    lora_dropout: float = Field(default=defaults.LORA_DROPOUT, ge=0, lt=1)
     lora_target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=256)] | Literal["all-linear"] = (
-        Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+        Field(default_factory=lambda: list(defaults.LORA_TARGET_MODULES))
     )
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
-    max_seq_length: int = Field(default=1024, ge=16, le=131072)
-    packing: bool = True
-    train_on_inputs: bool = False
-    adapter_selection: Literal["best", "last"] = "best"
+    quantization: Literal["nf4", "fp4", "int8", "none"] = defaults.QUANTIZATION
+    max_seq_length: int = Field(default=defaults.MAX_SEQ_LENGTH, ge=16, le=131072)
+    packing: bool = defaults.PACKING
+    train_on_inputs: bool = defaults.TRAIN_ON_INPUTS
+    adapter_selection: Literal["best", "last"] = defaults.ADAPTER_SELECTION
     dry_run: bool = Field(default=False, description="validate and estimate; create no job")
     priority: int = Field(default=0, ge=0, le=9, description="9 runs first; tenant keys are capped (admins: 9)")
     resources: Resources = Field(default_factory=Resources)
-    deepspeed_stage: Literal[2, 3] = Field(default=2, description="ZeRO stage when resources.devices > 1")
+    deepspeed_stage: Literal[2, 3] = Field(
+        default=defaults.DEEPSPEED_STAGE, description="ZeRO stage when resources.devices > 1"
+    )
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -164,7 +167,7 @@ class FineTuningJob(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: str
+    status: JobStatus
     trained_tokens: int | None
     training_file: str
     validation_file: str | None
@@ -193,7 +196,7 @@ class FineTuningJob(BaseModel):
             organization_id=job.tenant,
             result_files=job.result_files or [],
             seed=job.seed,
-            status=job.status,
+            status=JobStatus(job.status),
             trained_tokens=job.trained_tokens,
             training_file=job.training_file,
             validation_file=job.validation_file,
@@ -207,6 +210,16 @@ class FineTuningJob(BaseModel):
             priority=job.priority,
             resources={"devices": job.devices},
         )
+
+
+class TenantJob(FineTuningJob):
+    """A job on the admin routes, which cross tenants: the job and whose it is."""
+
+    tenant: str
+
+    @classmethod
+    def of(cls, job: Job) -> "TenantJob":
+        return cls(**dict(FineTuningJob.of(job)), tenant=job.tenant)
 
 
 class JobEventObject(BaseModel):
@@ -249,11 +262,3 @@ class CheckpointObject(BaseModel):
             metrics={"step": checkpoint.step, **checkpoint.metrics},
             step_number=checkpoint.step,
         )
-
-
-class Page(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Any]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None

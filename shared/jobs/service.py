@@ -1,13 +1,11 @@
 """Fine-tuning jobs: creation, queries and cancel for the API; claim, progress and completion for workers.
 Services flush; the caller commits. Publishing a task is registered to run after the commit."""
 
-import math
 import random
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.basemodels.models import BaseModelRecord
 from shared.basemodels.service import check_target_modules, get_base_model
 from shared.db import after_commit
 from shared.errors import InvalidRequest, NotFound, RateLimited, Unprocessable
@@ -15,56 +13,15 @@ from shared.files.models import File
 from shared.files.service import get_file
 from shared.ids import new_id, now
 from shared.jobs import state
-from shared.jobs.datacheck import check_job_data
 from shared.jobs.dispatch import dispatch_training
-from shared.jobs.errors import JobConflict, JobNotCancellable, JobNotFound
+from shared.jobs.errors import AdapterNotReady, JobConflict, JobNotCancellable, JobNotFound
+from shared.jobs.hyperparameters import resolve_hyperparameters
 from shared.jobs.models import Checkpoint, Job, JobEvent
-from shared.jobs.schemas import DryRun, Hyperparameters, JobCreate
+from shared.jobs.schemas import JobCreate
+from shared.jobs.status import JobStatus
 from shared.queue import VALIDATE_TASK, publish
-from shared.settings import Settings
 from shared.storage import Storage
-from shared.webhooks.service import record_job_transition
-from shared.workers.models import WorkerHeartbeat
-
-BASE_LEARNING_RATE = 2e-4  # QLoRA's rate for small models; learning_rate_multiplier scales it
-DEFAULT_BATCH_SIZE = 8
-TARGET_EXAMPLE_PASSES = 600  # "auto" epochs: about this many examples seen, 1 to 10 epochs
-FEW_STEPS = 300  # "auto" learning rate: a short run (fewer optimizer steps) takes larger ones
-FEW_STEPS_MULTIPLIER = 5.0
-
-
-def resolve_hyperparameters(requested: Hyperparameters, n_examples: int) -> dict:
-    n_examples = max(n_examples, 1)
-    n_epochs = (
-        max(1, min(10, math.ceil(TARGET_EXAMPLE_PASSES / n_examples)))
-        if requested.n_epochs == "auto"
-        else requested.n_epochs
-    )
-    batch_size = min(DEFAULT_BATCH_SIZE, n_examples) if requested.batch_size == "auto" else requested.batch_size
-    multiplier = requested.learning_rate_multiplier
-    if multiplier == "auto":
-        steps = n_epochs * math.ceil(n_examples / batch_size)
-        multiplier = FEW_STEPS_MULTIPLIER if steps < FEW_STEPS else 1.0
-    learning_rate = requested.learning_rate
-    if learning_rate == "auto":
-        learning_rate = BASE_LEARNING_RATE * multiplier
-
-    def pick(value, default):
-        return default if value == "auto" else value
-
-    return {
-        "n_epochs": n_epochs,
-        "batch_size": batch_size,
-        "learning_rate_multiplier": float(multiplier),
-        "learning_rate": float(learning_rate),
-        "lr_scheduler": pick(requested.lr_scheduler, "linear"),
-        "warmup_ratio": pick(requested.warmup_ratio, 0.03),
-        "weight_decay": pick(requested.weight_decay, 0.0),
-        "max_grad_norm": pick(requested.max_grad_norm, 1.0),
-        "n_checkpoints": pick(requested.n_checkpoints, 3),
-        "n_evals": pick(requested.n_evals, 5),
-        "early_stopping_patience": pick(requested.early_stopping_patience, None),
-    }
+from shared.workers.service import largest_slot_count
 
 
 def create_job(
@@ -87,13 +44,7 @@ def create_job(
     training = training_file(session, tenant, request.training_file, "training_file")
     if request.validation_file:
         training_file(session, tenant, request.validation_file, "validation_file")
-    by_status = dict(
-        session.execute(
-            select(Job.status, func.count())
-            .where(Job.tenant == tenant, Job.status.in_(state.ACTIVE))
-            .group_by(Job.status)
-        ).all()
-    )
+    by_status = _active_by_status(session, tenant)
     active = sum(by_status.values())
     if active >= max_active:
         raise RateLimited(
@@ -101,7 +52,7 @@ def create_job(
             "retry when some have finished",
             retry_after=60,
         )
-    waiting = by_status.get(state.VALIDATING, 0) + by_status.get(state.QUEUED, 0)
+    waiting = by_status.get(JobStatus.VALIDATING, 0) + by_status.get(JobStatus.QUEUED, 0)
     if max_queued is not None and waiting >= max_queued:
         raise RateLimited(
             f"{waiting} of your jobs are waiting to run, the limit is {max_queued} "
@@ -112,7 +63,7 @@ def create_job(
     job = Job(
         id=new_id("ftjob"),
         tenant=tenant,
-        status=state.VALIDATING,
+        status=JobStatus.VALIDATING,
         model=request.model,
         training_file=training.id,
         validation_file=request.validation_file,
@@ -132,10 +83,15 @@ def create_job(
     session.add(job)
     session.add(JobEvent(job_id=job.id, created_at=timestamp, message=f"Created fine-tuning job: {job.id}"))
     session.flush()
-    record_job_transition(session, tenant, job.id, state.VALIDATING)
+    state.entered(session, tenant, job.id, JobStatus.VALIDATING)
     job_id = job.id
     after_commit(session, lambda: publish(VALIDATE_TASK, job_id))
     return job
+
+
+def _active_by_status(session: Session, tenant: str) -> dict[str, int]:
+    query = select(Job.status, func.count()).where(Job.tenant == tenant, Job.status.in_(state.ACTIVE))
+    return {status: count for status, count in session.execute(query.group_by(Job.status))}
 
 
 def check_capacity(session: Session, devices: int) -> None:
@@ -143,8 +99,7 @@ def check_capacity(session: Session, devices: int) -> None:
     report their slots in heartbeats; those seen in the last day count."""
     if devices == 1:
         return  # every worker has at least one slot
-    seen = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat > now() - 86400))
-    largest = max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in seen), default=0)
+    largest = largest_slot_count(session, seen_since=now() - 86400)
     if devices > largest:
         raise InvalidRequest(
             f"no registered worker can run a job on {devices} devices (the largest has {largest}); "
@@ -164,62 +119,6 @@ def training_file(session: Session, tenant: str, file_id: str, param: str) -> Fi
     return file
 
 
-def dry_run(session: Session, storage: Storage, settings: Settings, tenant: str, request: JobCreate) -> DryRun:
-    """Everything a job would check and resolve, plus estimates; nothing is created."""
-    base = get_base_model(session, request.model)
-    check_target_modules(base, request.lora_target_modules)
-    training = training_file(session, tenant, request.training_file, "training_file")
-    validation = (
-        training_file(session, tenant, request.validation_file, "validation_file") if request.validation_file else None
-    )
-    hyperparameters = resolve_hyperparameters(request.requested_hyperparameters(), training.line_count)
-    check = check_job_data(
-        storage,
-        settings,
-        base,
-        training,
-        validation,
-        max_seq_length=request.max_seq_length,
-        train_on_inputs=request.train_on_inputs,
-    )
-    tokens = int(check.report.get("total_tokens", 0)) * hyperparameters["n_epochs"]
-    rate, basis = throughput_estimate(session, base)
-    return DryRun(
-        valid=check.ok,
-        model=base.id,
-        hyperparameters=hyperparameters,
-        training_options=request.training_options(),
-        report=check.report,
-        estimated_trained_tokens=tokens,
-        estimated_seconds=round(tokens / rate, 1),
-        estimate_basis=basis,
-    )
-
-
-# Measured here: SmolLM2-135M, NF4 + LoRA, 2 CPU cores (docs/BENCHMARKS.md); scaled by parameter count.
-REFERENCE_TOKENS_PER_SECOND = 230.0
-REFERENCE_PARAMETERS = 134_515_008
-
-
-def throughput_estimate(session: Session, base: BaseModelRecord) -> tuple[float, str]:
-    """Tokens per second for this model: from its finished jobs if any, else scaled from a reference run."""
-    recent = session.scalars(
-        select(Job)
-        .where(Job.model == base.id, Job.status == state.SUCCEEDED)
-        .order_by(Job.finished_at.desc())
-        .limit(10)
-    ).all()
-    rates = [
-        j.trained_tokens / (j.finished_at - j.started_at)
-        for j in recent
-        if j.trained_tokens and j.started_at and j.finished_at and j.finished_at > j.started_at
-    ]
-    if rates:
-        return sum(rates) / len(rates), f"{len(rates)} earlier job(s) of {base.id}, start to finish"
-    scaled = REFERENCE_TOKENS_PER_SECOND * REFERENCE_PARAMETERS / max(base.parameters, 1)
-    return scaled, "reference run (SmolLM2-135M, NF4 + LoRA, 2 CPU cores) scaled by parameter count"
-
-
 def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     """The tenant's job, or 404 (also for another tenant's: existence is not revealed). None: any tenant,
     for admin routes only."""
@@ -236,7 +135,7 @@ def list_jobs(
     after: str | None,
     limit: int,
     metadata: dict[str, str] | None = None,
-    status: str | None = None,
+    status: JobStatus | None = None,
 ) -> list[Job]:
     query = select(Job)
     if tenant is not None:
@@ -262,7 +161,9 @@ def cancel_job(session: Session, tenant: str | None, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     if job.status in state.TERMINAL:
         raise JobNotCancellable(job_id, job.status)
-    if state.transition(session, job_id, state.CANCELLED, expect={state.VALIDATING, state.QUEUED, state.PAUSED}):
+    if state.transition(
+        session, job_id, JobStatus.CANCELLED, expect={JobStatus.VALIDATING, JobStatus.QUEUED, JobStatus.PAUSED}
+    ):
         return get_job(session, tenant, job_id)
     session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True, updated_at=now()))
     session.add(JobEvent(job_id=job_id, attempt=job.attempt, created_at=now(), message="Cancellation requested"))
@@ -273,7 +174,7 @@ def cancel_job(session: Session, tenant: str | None, job_id: str) -> Job:
 def pause_job(session: Session, tenant: str, job_id: str) -> Job:
     """A running job finishes its current step, saves its whole state as a checkpoint and frees its worker."""
     job = get_job(session, tenant, job_id)
-    if job.status != state.RUNNING:
+    if job.status != JobStatus.RUNNING:
         raise JobConflict(f"Job {job_id} is {job.status}; only a running job can be paused", "job_not_running")
     session.execute(update(Job).where(Job.id == job_id).values(pause_requested=True, updated_at=now()))
     session.add(JobEvent(job_id=job_id, attempt=job.attempt, created_at=now(), message="Pause requested"))
@@ -284,7 +185,9 @@ def pause_job(session: Session, tenant: str, job_id: str) -> Job:
 def resume_job(session: Session, tenant: str, job_id: str) -> Job:
     """paused → queued; the next worker continues from the saved state (same step count and schedule)."""
     job = get_job(session, tenant, job_id)
-    if not state.transition(session, job_id, state.QUEUED, expect={state.PAUSED}, message="Resumed; job queued"):
+    if not state.transition(
+        session, job_id, JobStatus.QUEUED, expect={JobStatus.PAUSED}, message="Resumed; job queued"
+    ):
         raise JobConflict(f"Job {job_id} is {job.status}; only a paused job can be resumed", "job_not_paused")
     after_commit(session, lambda: dispatch_training(job_id))
     return get_job(session, tenant, job_id)
@@ -345,13 +248,40 @@ def fine_tuned_model_name(job: Job) -> str:
     return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
 
 
+def downloadable_adapter(session: Session, tenant: str, job_id: str) -> tuple[str, str | None]:
+    """The storage key and sha256 of a job's adapter, once it has succeeded and while its model is not deleted."""
+    job = get_job(session, tenant, job_id)
+    if job.model_deleted_at is not None:
+        raise NotFound(
+            f"The adapter of {job_id} was deleted with its model {job.fine_tuned_model}", code="model_deleted"
+        )
+    if job.status != JobStatus.SUCCEEDED or not job.adapter_key:
+        raise AdapterNotReady(job_id, job.status)
+    return job.adapter_key, job.adapter_sha256
+
+
 def counts_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
-    counts = dict.fromkeys(state.ALL_STATUSES, 0)
+    counts: dict[str, int] = dict.fromkeys(state.ALL_STATUSES, 0)
     counts.update({status: count for status, count in rows})
     return counts
 
 
+def counts_by_tenant(session: Session) -> dict[str, dict[str, int]]:
+    """Each tenant with jobs, and its jobs by status (only the statuses it has)."""
+    counts: dict[str, dict[str, int]] = {}
+    rows = session.execute(select(Job.tenant, Job.status, func.count()).group_by(Job.tenant, Job.status))
+    for tenant, status, count in rows:
+        counts.setdefault(tenant, {})[status] = count
+    return counts
+
+
+def running_jobs(session: Session) -> list[Job]:
+    """Every tenant's, longest running first."""
+    query = select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.started_at)
+    return list(session.scalars(query))
+
+
 def recent_failures(session: Session, limit: int = 10) -> list[Job]:
-    query = select(Job).where(Job.status == state.FAILED).order_by(Job.finished_at.desc()).limit(limit)
+    query = select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
     return list(session.scalars(query))

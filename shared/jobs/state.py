@@ -1,7 +1,12 @@
 """The job state machine. Every status write goes through `transition`, a conditional UPDATE: it changes the
 row only if the job is in a state the table allows (and, for worker writes, only if the attempt still
-matches), so two racing writers cannot both win and a terminal state is final."""
+matches), so two racing writers cannot both win and a terminal state is final.
 
+Side effects of a transition (webhook deliveries) are hooks in AFTER_TRANSITION, registered by each process's
+composition root, so that the state machine depends on nothing that reacts to it."""
+
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from sqlalchemy import update
@@ -9,38 +14,56 @@ from sqlalchemy.orm import Session
 
 from shared.ids import now
 from shared.jobs.models import Job, JobEvent
-from shared.webhooks.service import record_job_transition
+from shared.jobs.status import JobStatus
 
-VALIDATING = "validating_files"
-QUEUED = "queued"
-RUNNING = "running"
-PAUSED = "paused"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
+VALIDATING = JobStatus.VALIDATING
+QUEUED = JobStatus.QUEUED
+RUNNING = JobStatus.RUNNING
+PAUSED = JobStatus.PAUSED
+SUCCEEDED = JobStatus.SUCCEEDED
+FAILED = JobStatus.FAILED
+CANCELLED = JobStatus.CANCELLED
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({VALIDATING, QUEUED, RUNNING, PAUSED})
-ALL_STATUSES = (VALIDATING, QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
+ALL_STATUSES = tuple(JobStatus)
 
-ALLOWED: dict[str, frozenset[str]] = {
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     VALIDATING: frozenset({QUEUED, FAILED, CANCELLED}),
     QUEUED: frozenset({RUNNING, FAILED, CANCELLED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, PAUSED, QUEUED}),
     PAUSED: frozenset({QUEUED, FAILED, CANCELLED}),
 }
 
+# hook(session, tenant, job_id, status), run inside the transaction that wrote the status.
+AfterTransition = Callable[[Session, str, str, JobStatus], None]
+AFTER_TRANSITION: list[AfterTransition] = []
 
-def sources_of(target: str) -> set[str]:
+
+def after_transition(hook: AfterTransition) -> AfterTransition:
+    """Register `hook` for every status a job enters (its creation included); registering twice is harmless,
+    since an app or a worker may be composed more than once in one process."""
+    if hook not in AFTER_TRANSITION:
+        AFTER_TRANSITION.append(hook)
+    return hook
+
+
+def entered(session: Session, tenant: str, job_id: str, status: JobStatus) -> None:
+    """Tell the hooks that a job entered `status`: called by `transition`, and by job creation."""
+    for hook in AFTER_TRANSITION:
+        hook(session, tenant, job_id, status)
+
+
+def sources_of(target: JobStatus) -> set[JobStatus]:
     return {source for source, targets in ALLOWED.items() if target in targets}
 
 
 def transition(
     session: Session,
     job_id: str,
-    target: str,
+    target: JobStatus,
     *,
-    expect: set[str] | None = None,
+    expect: AbstractSet[str] | None = None,
     fenced_attempt: int | None = None,
     message: str | None = None,
     **values: Any,
@@ -67,7 +90,7 @@ def transition(
         return False
     current_attempt = session.get(Job, job_id, populate_existing=True)
     if current_attempt is not None:
-        record_job_transition(session, current_attempt.tenant, job_id, target)
+        entered(session, current_attempt.tenant, job_id, target)
     session.add(
         JobEvent(
             job_id=job_id,
@@ -83,7 +106,7 @@ def transition(
     return True
 
 
-def status_message(status: str) -> str:
+def status_message(status: JobStatus) -> str:
     return {
         VALIDATING: "Validating training file",
         QUEUED: "Files validated, job queued",

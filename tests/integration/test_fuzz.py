@@ -33,10 +33,11 @@ def key_headers(production_env, monkeypatch, tiny_model):
     monkeypatch.setattr("shared.webhooks.service.dispatch", lambda delivery_ids: None)
     for cached in (tq_settings.get_settings, db.get_engine, db.get_sessionmaker, storage.get_storage, queue.get_celery):
         cached.cache_clear()
-    from shared import cli, migrate
+    from shared import migrate
     from shared.auth.service import create_key
     from shared.db import session_scope
     from tests.support import SAMPLE
+    from tunequeue.commands import models as cli
 
     migrate.upgrade()
     cli.register_folder(tiny_model, "tiny-llama", source="test")

@@ -59,7 +59,7 @@ def test_downgrade_upgrade_round_trip(database_url):
 
 
 def test_cli_upgrade(database_url, monkeypatch):
-    from shared.cli import main
+    from tunequeue.cli import main
 
     monkeypatch.setenv("TUNEQUEUE_DATABASE_URL", database_url)
     from shared.settings import get_settings

@@ -5,9 +5,9 @@ import re
 
 import yaml
 
-from shared.cli import HANDLERS
 from shared.settings import Settings
 from tests.support import ROOT
+from tunequeue.cli import HANDLERS
 
 
 def compose() -> dict:

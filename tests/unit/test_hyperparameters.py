@@ -1,7 +1,7 @@
 import pytest
 
+from shared.jobs.hyperparameters import resolve_hyperparameters
 from shared.jobs.schemas import Hyperparameters
-from shared.jobs.service import resolve_hyperparameters
 
 
 @pytest.mark.parametrize(

@@ -245,13 +245,13 @@ def test_storage_keys_never_leave_their_root(tmp_path):
 
 def test_dev_makes_the_first_admin_key_once(tmp_path, monkeypatch, capsys):
     embedded_in_process(monkeypatch, tmp_path / "data")
-    from shared import cli
     from shared.auth.service import authenticate, list_keys
     from shared.db import session_scope
+    from tunequeue.commands import processes as cli
 
-    cli._first_key()
+    cli.first_key()
     secret = capsys.readouterr().out.split()[-1]
-    cli._first_key()  # a key exists now: nothing new, nothing printed
+    cli.first_key()  # a key exists now: nothing new, nothing printed
     assert capsys.readouterr().out == ""
     with session_scope() as session:
         assert len(list_keys(session)) == 1

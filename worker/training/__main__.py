@@ -11,8 +11,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.training.control import die_with_parent, install_pause_handler
+from worker.training.control import install_pause_handler
 from worker.training.disk_space import is_disk_full
+from worker.training.process import (
+    DONE_EXIT_CODE,
+    FAILED_EXIT_CODE,
+    INVALID_INPUT_EXIT_CODE,
+    PAUSED_EXIT_CODE,
+    die_with_parent,
+)
 from worker.training.reporter import StdoutJsonReporter
 
 
@@ -30,30 +37,30 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainingConfig.from_file(args.config)
     except (ValidationError, ValueError, OSError) as exc:
         reporter.event("error", code="invalid_config", message=str(exc))
-        return 2
+        return INVALID_INPUT_EXIT_CODE
     from worker.training.data import DatasetError
-    from worker.training.recipe import PAUSED_EXIT_CODE, Paused, train
+    from worker.training.recipe import Paused, train
 
     try:
         train(config, args.out, reporter)
     except Paused:
         # torchrun turns any non-zero exit of a rank into a failure of the whole run: ranks exit 0, and the
         # worker tells a pause from a finish by the "paused" event instead of "done".
-        return 0 if "LOCAL_RANK" in os.environ else PAUSED_EXIT_CODE
+        return DONE_EXIT_CODE if "LOCAL_RANK" in os.environ else PAUSED_EXIT_CODE
     except DatasetError as exc:
         reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
-        return 2
+        return INVALID_INPUT_EXIT_CODE
     except Exception as exc:  # reported to the worker, which fails the job with this code and message
         traceback.print_exc()
         if is_disk_full(exc, args.out):
             # The node's fault, not the job's: the worker requeues the attempt instead of failing the job.
             message = f"no space left on the worker's disk under {args.out} ({type(exc).__name__}: {exc})"
             reporter.event("error", code="disk_full", message=message, retryable=True)
-            return 1
+            return FAILED_EXIT_CODE
         code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
         reporter.event("error", code=code, message=f"{type(exc).__name__}: {exc}", **where_it_failed(exc))
-        return 1
-    return 0
+        return FAILED_EXIT_CODE
+    return DONE_EXIT_CODE
 
 
 def where_it_failed(exc: BaseException) -> dict:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+from shared.jobs import defaults
 
 
 class TrainingConfig(BaseModel):
@@ -20,30 +20,38 @@ class TrainingConfig(BaseModel):
     dataset_sha256: str | None = None
 
     n_epochs: int = Field(default=3, ge=1, le=50)
-    batch_size: int = Field(default=8, ge=1, le=256)
-    learning_rate: float = Field(default=2e-4, gt=0, le=1)
-    lr_scheduler: Literal["linear", "cosine"] = "linear"
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    max_seq_length: int = Field(default=1024, ge=16)
+    batch_size: int = Field(default=defaults.BATCH_SIZE, ge=1, le=256)
+    learning_rate: float = Field(default=defaults.LEARNING_RATE, gt=0, le=1)
+    lr_scheduler: Literal["linear", "cosine"] = defaults.LR_SCHEDULER
+    warmup_ratio: float = Field(default=defaults.WARMUP_RATIO, ge=0, lt=1)
+    weight_decay: float = Field(default=defaults.WEIGHT_DECAY, ge=0)
+    max_grad_norm: float = Field(default=defaults.MAX_GRAD_NORM, gt=0)
+    max_seq_length: int = Field(default=defaults.MAX_SEQ_LENGTH, ge=16)
     seed: int = Field(default=42, ge=0)
-    packing: bool = True
-    train_on_inputs: bool = False
+    packing: bool = defaults.PACKING
+    train_on_inputs: bool = defaults.TRAIN_ON_INPUTS
 
-    lora_r: int = Field(default=16, ge=1)
-    lora_alpha: float = Field(default=32, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    lora_r: int = Field(default=defaults.LORA_R, ge=1)
+    lora_alpha: float = Field(default=defaults.LORA_ALPHA, gt=0)
+    lora_dropout: float = Field(default=defaults.LORA_DROPOUT, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(defaults.LORA_TARGET_MODULES)
+    )
+    quantization: Literal["nf4", "fp4", "int8", "none"] = defaults.QUANTIZATION
 
-    n_checkpoints: int = Field(default=3, ge=0, le=1000, description="intermediate checkpoints over the run")
+    n_checkpoints: int = Field(
+        default=defaults.N_CHECKPOINTS, ge=0, le=1000, description="intermediate checkpoints over the run"
+    )
     checkpoint_every_steps: int = Field(default=0, ge=0, description="overrides n_checkpoints when set")
-    deepspeed_stage: Literal[2, 3] = Field(default=2, description="ZeRO stage when the job spans several devices")
+    deepspeed_stage: Literal[2, 3] = Field(
+        default=defaults.DEEPSPEED_STAGE, description="ZeRO stage when the job spans several devices"
+    )
     checkpoint_every_minutes: float = Field(default=0, ge=0, description="also checkpoint after this long; 0: off")
-    n_evals: int = Field(default=5, ge=0, le=1000, description="evaluations over the run (plus one at the end)")
-    early_stopping_patience: int | None = Field(default=None, ge=1)
-    adapter_selection: Literal["best", "last"] = "best"
+    n_evals: int = Field(
+        default=defaults.N_EVALS, ge=0, le=1000, description="evaluations over the run (plus one at the end)"
+    )
+    early_stopping_patience: int | None = Field(default=defaults.EARLY_STOPPING_PATIENCE, ge=1)
+    adapter_selection: Literal["best", "last"] = defaults.ADAPTER_SELECTION
     log_every_steps: int = Field(default=1, ge=1)
     resume_from: Path | None = Field(default=None, description="a folder saved by a pause: continue from it")
     hyperparameters: dict = Field(default_factory=dict, description="As resolved on the job, for the manifest")

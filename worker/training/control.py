@@ -2,10 +2,8 @@
 thing in the process (before torch loads), so a pause asked for during model loading is not the signal's
 default action (terminate): it is honoured after the first step."""
 
-import ctypes
 import os
 import signal
-import sys
 import threading
 
 pause_requested = threading.Event()
@@ -26,20 +24,3 @@ def pause_is_requested() -> bool:
         if path and os.path.exists(path):
             pause_requested.set()
     return pause_requested.is_set()
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Linux: the kernel kills this process when the worker that started it dies (even by `kill -9`), so a
-    lost worker never leaves an orphan training on its devices. The worker's pid comes in
-    TUNEQUEUE_PARENT_PID: if it is already gone, exit at once."""
-    parent = os.environ.get("TUNEQUEUE_PARENT_PID")
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if "LOCAL_RANK" in os.environ:
-        return  # a rank under torchrun: it dies with torchrun, which dies with the worker
-    if os.getppid() != int(parent):
-        os._exit(1)

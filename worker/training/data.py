@@ -5,14 +5,29 @@ Packing puts several examples of a batch in one row without attention across the
 0 for each example and no attention mask is passed, from which transformers builds a block-diagonal mask.
 The batch keeps its examples (and so the optimizer its steps); only padding goes away."""
 
+import dataclasses
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.datasets.report import split_validation
 from shared.datasets.tokenization import IGNORE_INDEX, ChatTokenizer, Encoded
 from shared.datasets.validation import validate_jsonl
 
-__all__ = ["IGNORE_INDEX", "DatasetError", "load_examples", "batches", "collate", "collate_packed"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DatasetError",
+    "load_examples",
+    "batches",
+    "collate",
+    "collate_packed",
+    "Collator",
+    "predicted_tokens",
+    "masked",
+]
 
 
 class DatasetError(ValueError):
@@ -119,3 +134,38 @@ def collate_packed(batch: list[Encoded], pad_token_id: int, capacity: int):
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # padding: its own segment, no loss
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collator:
+    """A batch as the model's inputs on its device: packed into rows, or one padded row per example."""
+
+    pad_id: int
+    packing: bool
+    device: "torch.device"
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: ChatTokenizer, packing: bool, device: "torch.device") -> "Collator":
+        if tokenizer.pad_id is None:  # ChatTokenizer pads with the end-of-sequence token when there is no pad
+            raise ValueError("the base model's tokenizer has neither a pad nor an end-of-sequence token")
+        return cls(tokenizer.pad_id, packing, device)
+
+    def __call__(self, batch: list[Encoded]) -> dict[str, "torch.Tensor"]:
+        if self.packing:
+            # Rows as long as the longest example: attention cost grows with the square of the row length,
+            # so longer rows would trade the padding saved for attention over tokens that are masked anyway.
+            longest = max(len(example.input_ids) for example in batch)
+            tensors = collate_packed(batch, self.pad_id, longest)
+        else:
+            tensors = collate(batch, self.pad_id)
+        return {name: tensor.to(self.device) for name, tensor in tensors.items()}
+
+
+def predicted_tokens(example: Encoded) -> int:
+    """Tokens of an example that count in the loss: its labels but the first, which nothing predicts."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def masked(example: Encoded) -> Encoded:
+    """The same tokens with no label: a forward and backward that contribute nothing."""
+    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels))

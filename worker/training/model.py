@@ -1,5 +1,6 @@
 """The base model under bitsandbytes quantisation, with 16-bit LoRA adapters from PEFT on top."""
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -77,10 +78,17 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
 
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; PEFT scales by alpha / r, a float works
         lora_dropout=dropout,
         target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def save_adapter(model, path: Path) -> None:
+    """The LoRA weights and their config as PEFT loads them, replacing whatever is at `path`."""
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(path, safe_serialization=True)

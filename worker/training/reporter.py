@@ -5,6 +5,8 @@ import json
 import sys
 from typing import Protocol
 
+from worker.training.events import RECIPE_EVENT
+
 PREFIX = "@tunequeue "
 
 
@@ -22,7 +24,10 @@ class StdoutJsonReporter:
         self.event("metrics", **{**metrics, "step": step})
 
     def event(self, kind: str, **fields) -> None:
-        self.stream.write(PREFIX + json.dumps({"event": kind, **fields}, default=str) + "\n")
+        line = json.dumps({"event": kind, **fields}, default=str)
+        # Validated as the worker will read it: a malformed report fails here, naming its field.
+        RECIPE_EVENT.validate_json(line)
+        self.stream.write(PREFIX + line + "\n")
         self.stream.flush()
 
 

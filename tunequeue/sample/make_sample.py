@@ -10,11 +10,11 @@ Each table has a fixed held-out split (every k-th entry), so held-out questions
 use countries, numbers and words never seen in training.
 
 Output (OpenAI chat fine-tuning format, one JSON object per line):
-    data/sample/train.jsonl    200 examples
-    data/sample/heldout.jsonl   24 examples
+    tunequeue/sample/train.jsonl    200 examples
+    tunequeue/sample/heldout.jsonl   24 examples
 
 Regenerate (pure stdlib, deterministic) with:
-    python data/make_sample.py
+    python tunequeue/sample/make_sample.py
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 SEED = 1234
-OUT_DIR = Path(__file__).resolve().parent / "sample"
+OUT_DIR = Path(__file__).resolve().parent
 PREFIX = "Squawk! "
 SUFFIX = " Squawk!"
 

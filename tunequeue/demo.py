@@ -4,30 +4,36 @@ sample data, fine-tune, follow it with a progress bar, download the adapter, com
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
+from shared.basemodels.demo import DEMO_MODEL_ID
 from shared.settings import get_settings
+from tunequeue.console import Refused
 
-SAMPLE = Path("data/sample")
+# The sample data ships inside the package, so the demo runs from any working directory.
+SAMPLE = Path(str(files("tunequeue") / "sample"))
 
 
-def run(port: int, epochs: int) -> int:
+def run(port: int | None, epochs: int) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would break the progress bar
     started = time.monotonic()
+    port = claim_port(port)
     ensure_model()
     base_url = f"http://127.0.0.1:{port}"
     processes = start_services(port)
     try:
         client = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {demo_key()}"})
-        wait_ready(client)
+        wait_ready(client, api=processes[0])
         job = submit(client, epochs)
         job = follow(client, job["id"])
         if job["status"] != "succeeded":
@@ -55,6 +61,19 @@ def run(port: int, epochs: int) -> int:
             process.wait(timeout=30)
 
 
+def claim_port(port: int | None) -> int:
+    """A free port, unless one is asked for; a port already taken (say, by a demo left running) is refused
+    rather than talked to."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port or 0))
+        except OSError as exc:
+            raise Refused(
+                f"port {port} is already in use (a demo or server left running?): stop it, or pass another --port"
+            ) from exc
+        return probe.getsockname()[1]
+
+
 def ensure_model() -> None:
     from shared import migrate
 
@@ -63,13 +82,13 @@ def ensure_model() -> None:
     from shared.db import session_scope
 
     with session_scope() as session:
-        present = session.get(BaseModelRecord, "smollm2-135m-instruct") is not None
+        present = session.get(BaseModelRecord, DEMO_MODEL_ID) is not None
     if not present:
-        subprocess.run([sys.executable, "-m", "shared.cli", "models", "import-demo"], check=True)
+        subprocess.run([sys.executable, "-m", "tunequeue", "models", "import-demo"], check=True)
 
 
 def start_services(port: int) -> list[subprocess.Popen]:
-    from shared.cli import worker_command
+    from tunequeue.commands.processes import worker_command
 
     logs = get_settings().resolved_data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -93,16 +112,19 @@ def demo_key() -> str:
     return secret
 
 
-def wait_ready(client: httpx.Client, timeout: float = 60) -> None:
+def wait_ready(client: httpx.Client, api: subprocess.Popen, timeout: float = 60) -> None:
+    logs = get_settings().resolved_data_dir / "logs" / "api.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if api.poll() is not None:
+            raise Refused(f"the demo's API server exited with code {api.returncode}; see {logs}")
         try:
             if client.get("/readyz").status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise RuntimeError("the API did not become ready; see .tunequeue/logs/api.log")
+    raise Refused(f"the API did not become ready within {timeout:.0f} s; see {logs}")
 
 
 def submit(client: httpx.Client, epochs: int) -> dict:
@@ -111,7 +133,7 @@ def submit(client: httpx.Client, epochs: int) -> dict:
     uploaded.raise_for_status()
     print(f"Uploaded {SAMPLE / 'train.jsonl'} as {uploaded.json()['id']}")
     body = {
-        "model": "smollm2-135m-instruct",
+        "model": DEMO_MODEL_ID,
         "training_file": uploaded.json()["id"],
         "suffix": "parrot",
         "seed": 7,
@@ -178,7 +200,7 @@ def evaluate(base: Path, data: Path, adapter: Path | None = None, generate: int 
 
 
 def compare(adapter: Path) -> None:
-    base = get_settings().resolved_model_dir / "smollm2-135m-instruct"
+    base = get_settings().resolved_model_dir / DEMO_MODEL_ID
     heldout = SAMPLE / "heldout.jsonl"
     results = {"base": evaluate(base, heldout, generate=5), "tuned": evaluate(base, heldout, adapter, generate=5)}
     print(

@@ -1,0 +1,56 @@
+"""Workers as the database knows them: their heartbeats (who is alive, what it runs, its device slots) and
+the record of which job held which device when. Services flush; the caller commits."""
+
+import time
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.ids import now
+from shared.workers.models import DeviceUsage, WorkerHeartbeat
+
+
+def record_heartbeat(
+    session: Session, hostname: str, *, pid: int, started_at: int, current_jobs: list[str], info: dict
+) -> None:
+    session.merge(
+        WorkerHeartbeat(
+            hostname=hostname,
+            pid=pid,
+            started_at=started_at,
+            last_heartbeat=now(),
+            current_jobs=current_jobs,
+            info=info,
+        )
+    )
+    session.flush()
+
+
+def list_workers(session: Session) -> list[WorkerHeartbeat]:
+    return list(session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.hostname)))
+
+
+def largest_slot_count(session: Session, *, seen_since: int) -> int:
+    """The most device slots any worker heard from since `seen_since` reports; 0 if none was."""
+    seen = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat > seen_since))
+    return max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in seen), default=0)
+
+
+def start_device_usage(session: Session, worker: str, devices: list[str], job_id: str, attempt: int) -> list[int]:
+    """One row per device ("gpu:0", "cpu:1") the attempt holds; returns their ids for `end_device_usage`."""
+    started = _now_ms()
+    rows = [
+        DeviceUsage(worker=worker, device=device, job_id=job_id, attempt=attempt, started_at_ms=started)
+        for device in devices
+    ]
+    session.add_all(rows)
+    session.flush()
+    return [row.id for row in rows]
+
+
+def end_device_usage(session: Session, row_ids: list[int]) -> None:
+    session.execute(update(DeviceUsage).where(DeviceUsage.id.in_(row_ids)).values(ended_at_ms=_now_ms()))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

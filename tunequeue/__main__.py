@@ -1,0 +1,5 @@
+import sys
+
+from tunequeue.cli import main
+
+sys.exit(main())

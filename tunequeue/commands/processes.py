@@ -1,0 +1,133 @@
+"""The long-running processes: the API server, a worker, both at once (`dev`), the sweeper, and the demo."""
+
+import os
+import socket
+import subprocess
+import sys
+
+from shared import migrate
+from shared.settings import get_settings
+from tunequeue.console import Refused, require_current_schema
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    if getattr(args, "migrate", False):
+        migrate.upgrade()
+    require_current_schema()
+    describe_deployment()
+    uvicorn.run("api.app:app", host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def describe_deployment() -> None:
+    """Which state this process serves: the first thing to check when a job or a key seems to be missing."""
+    settings = get_settings()
+    print(f"data folder: {settings.resolved_data_dir}", file=sys.stderr)
+    print(f"database:    {migrate.describe_database()}", file=sys.stderr)
+    print(f"storage:     {settings.resolved_storage_url}", file=sys.stderr)
+
+
+def worker_command(slots: int = 1, loglevel: str = "INFO") -> list[str]:
+    """Threads: the Celery process only supervises (the recipe runs in its own child process), so a thread
+    per job keeps the consumer responsive without forking a process that might import CUDA. One thread per
+    slot, plus one so that validation does not wait behind training. The worker consumes the validation
+    queue and the training queues of every device class it can serve."""
+    from shared.queue import train_queues_for
+
+    queues = [get_settings().queue_name, *train_queues_for(slots)]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(slots + 1),
+        "--loglevel",
+        loglevel,
+        "-Q",
+        ",".join(queues),
+        # One node name per process (pid@host, the pid survives the exec): two workers on one machine stay
+        # apart in Celery, in heartbeats and in job leases.
+        "--hostname",
+        f"{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def run_worker(args) -> int:
+    from worker.slots import ENV, Slots, detect
+
+    if args.cpu_slots is not None and args.cpu_slots < 1:
+        raise Refused("--cpu-slots must be at least 1")
+    if args.devices:
+        spec = f"gpu:{args.devices}"
+    elif args.cpu_slots:
+        spec = f"cpu:{args.cpu_slots}"
+    else:
+        spec = os.environ.get(ENV) or detect()
+    slots = Slots.from_spec(spec)
+    os.environ[ENV] = spec
+    print(f"worker slots: {spec} ({slots.total})", file=sys.stderr)
+    os.execv(sys.executable, worker_command(slots.total, args.loglevel))
+
+
+def run_dev(args) -> int:
+    migrate.upgrade()
+    hint_if_no_models()
+    first_key()
+    worker = subprocess.Popen(worker_command())
+    try:
+        return run_serve(args)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+def hint_if_no_models() -> None:
+    from shared.basemodels.service import list_base_models
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if not list_base_models(session):
+            print(
+                "No base model imported yet: run `tunequeue models import-demo` (SmolLM2-135M-Instruct) "
+                "or `tunequeue models import-gguf PATH --name ID` before submitting jobs."
+            )
+
+
+def first_key() -> None:
+    """A fresh install has no key, and every route needs one: make the first (admin, tenant `default`)."""
+    from shared.auth import service
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if service.has_active_keys(session):
+            return
+        _, secret = service.create_key(session, "default", admin=True, name="created by tunequeue dev")
+    print(f"No API key existed; created an admin key for tenant 'default' (shown once):\n\n    {secret}\n")
+
+
+def run_sweep(args) -> int:
+    from shared.jobs import state
+    from shared.jobs.recovery import sweep
+    from shared.webhooks.service import record_job_transition
+
+    require_current_schema()
+    state.after_transition(record_job_transition)  # a job the sweep fails or cancels reaches webhooks too
+    report = sweep()
+    print(f"requeued: {report.requeued or '-'}\nfailed (worker_lost): {report.failed or '-'}")
+    print(f"republished: {report.republished or '-'}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from tunequeue.demo import run
+
+    return run(port=args.port, epochs=args.epochs)

@@ -1,0 +1,53 @@
+"""How every command ends: exit codes, the error prefix, and the check that the database is ready."""
+
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the command ran and was refused or failed, with the reason on stderr
+EXIT_USAGE = 2  # argparse: the command line itself is wrong
+
+
+class Refused(Exception):
+    """A command cannot do what it was asked; the message says why and what to run instead."""
+
+
+def error(command: str, message: str) -> None:
+    print(f"tunequeue {command}: error: {message}", file=sys.stderr)
+
+
+def require_current_schema() -> None:
+    """Commands that read or write tables say what to run when the schema is missing or old, instead of
+    failing with a database traceback."""
+    from shared import migrate
+
+    where = migrate.describe_database()
+    state = schema_state()
+    if state.current is None:
+        raise Refused(f"the database {where} has no tunequeue tables yet: run `tunequeue db upgrade`")
+    if not state.is_current:
+        raise Refused(
+            f"the database {where} is at schema {state.current}, this version needs {state.head}: "
+            "run `tunequeue db upgrade`"
+        )
+
+
+def schema_state():
+    from sqlalchemy.exc import OperationalError
+
+    from shared import migrate
+
+    try:
+        return migrate.schema_state()
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise Refused(
+            f"cannot reach the database {migrate.describe_database()} ({reason}); start it, "
+            "or point TUNEQUEUE_DATABASE_URL at it"
+        ) from exc
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [header, *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
