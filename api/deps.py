@@ -1,7 +1,7 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Query
 from sqlalchemy.orm import Session
 
 from shared.auth.service import Principal, authenticate
@@ -54,3 +54,7 @@ Caller = Annotated[Principal, Depends(principal)]
 Tenant = Annotated[str, Depends(_tenant)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+# A page's cursor is an id: printable, so that it can be compared with stored ids (Postgres text holds no NUL).
+After = Annotated[
+    str | None, Query(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$", description="the last id of the previous page")
+]

@@ -59,3 +59,9 @@ def declare_bearer(schema: dict) -> None:
             parameters = operation.get("parameters", [])
             if any(p.get("in") == "header" and p.get("name", "").lower() == "authorization" for p in parameters):
                 operation["security"] = [{"bearerAuth": []}]
+
+
+def streamed(media_type: str, description: str) -> dict:
+    """The 200 of a route that streams bytes rather than JSON, declared as what it is."""
+    schema = {"type": "string"} if media_type.startswith("text/") else {"type": "string", "format": "binary"}
+    return {200: {"description": description, "content": {media_type: {"schema": schema}}}}

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from api.deps import DbSession, StorageDep
+from api.deps import After, DbSession, StorageDep
+from api.docs import streamed
 from api.errors import declare
 from shared.auth import service as keys
 from shared.ids import now
@@ -83,7 +84,7 @@ def list_all_jobs(
     session: DbSession,
     tenant: str | None = Query(None, pattern=TENANT_NAME),
     status: JobStatus | None = None,
-    after: str | None = None,
+    after: After = None,
     limit: int = Query(20, ge=1, le=100),
 ):
     selected = jobs.list_jobs(session, tenant, after=after, limit=limit + 1, status=status)
@@ -95,7 +96,11 @@ def cancel_any_job(session: DbSession, job_id: str):
     return FineTuningJob.of(jobs.cancel_job(session, None, job_id))
 
 
-@router.get("/jobs/{job_id}/attempts/{attempt}/log", responses=declare(404))
+@router.get(
+    "/jobs/{job_id}/attempts/{attempt}/log",
+    response_class=StreamingResponse,
+    responses={**declare(404), **streamed("text/plain", "what the attempt printed")},
+)
 def any_attempt_log(session: DbSession, storage: StorageDep, job_id: str, attempt: int):
     """What one attempt of any tenant's job printed (the recipe's output, every rank's stderr), as text."""
     key = jobs.attempt_log_key(storage, jobs.get_job(session, None, job_id), attempt)

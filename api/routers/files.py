@@ -3,7 +3,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Header, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api.deps import DbSession, SettingsDep, StorageDep, Tenant
+from api.deps import After, DbSession, SettingsDep, StorageDep, Tenant
+from api.docs import streamed
 from api.errors import declare
 from shared.checksums import iter_file_chunks, sha256_stream
 from shared.files import service
@@ -55,7 +56,7 @@ def list_files(
     session: DbSession,
     tenant: Tenant,
     purpose: str | None = None,
-    after: str | None = None,
+    after: After = None,
     limit: int = Query(10000, ge=1, le=10000),
     order: Literal["asc", "desc"] = "desc",
 ):
@@ -73,7 +74,11 @@ def delete_file(session: DbSession, storage: StorageDep, tenant: Tenant, file_id
     return FileDeleted(id=service.delete_file(session, storage, tenant, file_id).id)
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses=streamed("application/octet-stream", "the file's bytes, as uploaded"),
+)
 def file_content(session: DbSession, storage: StorageDep, tenant: Tenant, file_id: str):
     file = service.get_file(session, tenant, file_id)
     return StreamingResponse(

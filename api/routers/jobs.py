@@ -4,7 +4,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import Caller, DbSession, SettingsDep, StorageDep, Tenant
+from api.deps import After, Caller, DbSession, SettingsDep, StorageDep, Tenant
+from api.docs import streamed
 from api.errors import declare
 from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
@@ -46,7 +47,7 @@ def create_job(
 
 @router.get("", response_model=Page[FineTuningJob])
 def list_jobs(
-    session: DbSession, tenant: Tenant, http: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)
+    session: DbSession, tenant: Tenant, http: Request, after: After = None, limit: int = Query(20, ge=1, le=100)
 ):
     jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
     return Page[FineTuningJob].of(jobs, limit, FineTuningJob.of)
@@ -86,7 +87,7 @@ def resume_job(session: DbSession, tenant: Tenant, job_id: str):
 
 @router.get("/{job_id}/events", response_model=Page[JobEventObject])
 def list_events(
-    session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+    session: DbSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)
 ):
     job = service.get_job(session, tenant, job_id)
     events = service.list_events(session, job, after=after, limit=limit + 1)
@@ -95,7 +96,7 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointObject])
 def list_checkpoints(
-    session: DbSession, tenant: Tenant, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)
+    session: DbSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(10, ge=1, le=100)
 ):
     job = service.get_job(session, tenant, job_id)
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
@@ -103,7 +104,11 @@ def list_checkpoints(
     return Page[CheckpointObject].of(checkpoints, limit, lambda c: CheckpointObject.of(c, name)).with_ids()
 
 
-@router.get("/{job_id}/attempts/{attempt}/log", responses=declare(404))
+@router.get(
+    "/{job_id}/attempts/{attempt}/log",
+    response_class=StreamingResponse,
+    responses={**declare(404), **streamed("text/plain", "what the attempt printed")},
+)
 def attempt_log(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str, attempt: int):
     """tunequeue's own: what one attempt printed (the recipe's output, and every rank's stderr with its rank in
     front), as text. Kept when the attempt's training process ends, whatever the outcome."""
@@ -112,7 +117,11 @@ def attempt_log(session: DbSession, storage: StorageDep, tenant: Tenant, job_id:
     return StreamingResponse(storage.iter_chunks(key), media_type="text/plain; charset=utf-8")
 
 
-@router.get("/{job_id}/adapter")
+@router.get(
+    "/{job_id}/adapter",
+    response_class=StreamingResponse,
+    responses=streamed("application/zip", "the adapter as a zip; its sha256 in X-Adapter-SHA256"),
+)
 def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str):
     """tunequeue's own: the trained adapter as a zip (adapter_config.json, adapter_model.safetensors, manifest.json)."""
     key, sha256 = service.downloadable_adapter(session, tenant, job_id)
