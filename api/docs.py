@@ -4,7 +4,7 @@ Swagger's "Authorize" button and generated clients send the key."""
 
 from importlib.resources import files
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -21,8 +21,8 @@ def install(app: FastAPI) -> None:
     """Call on an app created with `docs_url=None, redoc_url=None`."""
     app.mount(ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
-    def swagger() -> HTMLResponse:
+    # Plain Starlette routes, as FastAPI's own documentation pages are: pages, not operations of the API.
+    def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json",
             title=f"{app.title} API",
@@ -31,8 +31,7 @@ def install(app: FastAPI) -> None:
             swagger_favicon_url=f"{ASSETS}/favicon.png",
         )
 
-    @app.get("/redoc", include_in_schema=False)
-    def redoc() -> HTMLResponse:
+    def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
             openapi_url=app.openapi_url or "/openapi.json",
             title=f"{app.title} API",
@@ -40,6 +39,9 @@ def install(app: FastAPI) -> None:
             redoc_favicon_url=f"{ASSETS}/favicon.png",
             with_google_fonts=False,
         )
+
+    app.add_route("/docs", swagger, include_in_schema=False)
+    app.add_route("/redoc", redoc, include_in_schema=False)
 
     generate = app.openapi
 
