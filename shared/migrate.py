@@ -28,6 +28,15 @@ class SchemaState:
     def is_current(self) -> bool:
         return self.current == self.head
 
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with the schema, and what to run; None when it is current."""
+        if self.current is None:
+            return "has no tunequeue tables yet: run `tunequeue db upgrade`"
+        if not self.is_current:
+            return f"is at schema {self.current}, this version needs {self.head}: run `tunequeue db upgrade`"
+        return None
+
 
 def alembic_config(url: str | None = None) -> Config:
     config = Config()
@@ -67,11 +76,9 @@ def head_revision() -> str:
 
 def require_current(connection: Connection) -> None:
     """For readiness probes: a server on an old schema is not ready, whatever else answers."""
-    state = state_of(connection)
-    if state.current is None:
-        raise RuntimeError("the database has no tunequeue tables: run `tunequeue db upgrade`")
-    if not state.is_current:
-        raise RuntimeError(f"schema {state.current}, this version needs {state.head}: run `tunequeue db upgrade`")
+    problem = state_of(connection).problem
+    if problem:
+        raise RuntimeError(f"the database {problem}")
 
 
 def describe_database(url: str | None = None) -> str:

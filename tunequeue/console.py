@@ -21,15 +21,9 @@ def require_current_schema() -> None:
     failing with a database traceback."""
     from shared import migrate
 
-    where = migrate.describe_database()
-    state = schema_state()
-    if state.current is None:
-        raise Refused(f"the database {where} has no tunequeue tables yet: run `tunequeue db upgrade`")
-    if not state.is_current:
-        raise Refused(
-            f"the database {where} is at schema {state.current}, this version needs {state.head}: "
-            "run `tunequeue db upgrade`"
-        )
+    problem = schema_state().problem
+    if problem:
+        raise Refused(f"the database {migrate.describe_database()} {problem}")
 
 
 def schema_state():
