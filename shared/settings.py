@@ -72,6 +72,24 @@ class StorageSettings(_Area):
 class WebhookSettings(_Area):
     webhook_retry_base_seconds: float = Field(default=2.0, gt=0, description="First webhook retry delay; doubles")
     webhook_workers: int = Field(default=4, ge=1, le=64, description="Webhook deliveries sent at once per process")
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="One webhook attempt's whole deadline: connect, send, read"
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1, le=32, description="Attempts per webhook delivery")
+    webhook_disable_after_failures: int = Field(
+        default=20, ge=1, description="Consecutive failed attempts after which an endpoint is disabled"
+    )
+    webhook_max_endpoints_per_tenant: int = Field(default=10, ge=0, description="Webhook endpoints per tenant (429)")
+    webhook_allowed_networks: str = Field(
+        default="",
+        description="Comma-separated CIDRs that webhooks may reach although private or loopback "
+        "(e.g. 10.0.0.0/8); empty: public addresses only",
+    )
+    secret_keys: str = Field(
+        default="",
+        description="Comma-separated Fernet keys that encrypt webhook secrets at rest; the first encrypts, all "
+        "decrypt (rotation). Empty: a key generated once in data_dir/secret.key",
+    )
 
 
 class LimitSettings(_Area):
@@ -85,6 +103,21 @@ class LimitSettings(_Area):
     max_tenant_priority: int = Field(
         default=5, ge=0, le=9, description="Highest job priority (0-9) a tenant key may set"
     )
+    max_messages_per_example: int = Field(default=1024, gt=0, description="Most messages in one chat example")
+    max_tokens_per_example: int = Field(
+        default=131_072, gt=0, description="Most tokens in one example (one line), before truncation to max length"
+    )
+    dry_run_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="Longest a dry run may take before it is refused (408, with the limit)"
+    )
+    max_concurrent_dry_runs: int = Field(default=2, ge=1, description="Dry runs at once per API process (429)")
+    max_concurrent_uploads_per_tenant: int = Field(
+        default=2, ge=1, description="Uploads of one tenant in flight at once per API process (429)"
+    )
+    storage_quota_bytes: int = Field(
+        default=50 * 1024**3, ge=0, description="Bytes a tenant may hold: files, checkpoints, adapters (413)"
+    )
+    max_files_per_tenant: int = Field(default=1000, ge=0, description="Files a tenant may hold (429)")
 
 
 class WorkerSettings(_Area):
@@ -98,6 +131,9 @@ class WorkerSettings(_Area):
     lease_seconds: float = Field(default=60.0, gt=0, description="A running job's lease; renewed by its worker")
     sweep_seconds: float = Field(default=15.0, gt=0, description="How often each worker reaps leases and republishes")
     max_attempts: int = Field(default=3, ge=1, description="Attempts per job before it fails with worker_lost")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Newest resumable checkpoints kept per job; older ones are collected"
+    )
     slot_wait_seconds: float = Field(default=2.0, ge=0, description="How long a job waits for a worker's free slot")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
 

@@ -1,3 +1,5 @@
+import secrets
+
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -27,6 +29,7 @@ class Job(Base):
     result_files: Mapped[list] = mapped_column(JSON, default=list)
     adapter_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    adapter_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # counted in the tenant's quota
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # 0-9, 9 first
     devices: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # resources.devices
@@ -51,7 +54,11 @@ class JobEvent(Base):
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order only, never shown
+    # The id users see: random, so that no id tells how many events exist or lets one guess another's.
+    public_id: Mapped[str | None] = mapped_column(
+        String(64), unique=True, index=True, nullable=True, default=lambda: "ftevent-" + secrets.token_hex(12)
+    )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[int] = mapped_column(BigInteger)
@@ -72,6 +79,7 @@ class Checkpoint(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     storage_key: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # counted in the tenant's quota
     # Carries optimizer, schedule, RNG and data position besides the adapter: a later attempt continues from it.
     resumable: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[int] = mapped_column(BigInteger)

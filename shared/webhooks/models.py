@@ -1,4 +1,4 @@
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
@@ -10,9 +10,13 @@ class WebhookEndpoint(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     url: Mapped[str] = mapped_column(String(2048))
-    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64>, shown once at creation
+    secret: Mapped[str] = mapped_column(String(512))  # whsec_<base64>, shown once, stored encrypted
     created_at: Mapped[int] = mapped_column(BigInteger)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The circuit breaker: failed attempts in a row; past the setting's limit, the endpoint is disabled.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    disabled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class WebhookDelivery(Base):
