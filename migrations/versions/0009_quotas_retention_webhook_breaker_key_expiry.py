@@ -19,7 +19,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('webhook_endpoints', schema=None) as batch_op:
         batch_op.alter_column('secret', existing_type=sa.String(length=128), type_=sa.String(length=512))
-        batch_op.add_column(sa.Column('consecutive_failures', sa.Integer(), server_default=sa.text('0'), nullable=False))
+        batch_op.add_column(
+            sa.Column('consecutive_failures', sa.Integer(), server_default=sa.text('0'), nullable=False)
+        )
         batch_op.add_column(sa.Column('disabled_at', sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column('disabled_reason', sa.Text(), nullable=True))
 
