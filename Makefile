@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench gpu-check lint clean
+.PHONY: install demo run test test-fast bench gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -44,6 +44,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check api worker shared tunequeue tests
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
+
+# `.env` for docker compose: random credentials and the webhook-secret key, mode 0600, never overwritten
+# (docs/security.md, "Deployment"). Standard library only: no .venv needed.
+env:
+	$(PYTHON) deploy/make_env.py .env
 
 clean:
 	rm -rf .tunequeue
