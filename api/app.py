@@ -16,15 +16,16 @@ def create_app() -> FastAPI:
         title="tunequeue",
         version="0.1.0",
         description="Self-hosted QLoRA fine-tuning with OpenAI's fine-tuning API.",
-        # Any route may answer these: a bad request, a missing key, an unknown id, a body over its limit, or the
-        # database or storage being away. Routers add their own (403, 409, 422, 429).
-        responses=errors.declare(400, 401, 404, 413, 503),
+        # Any route may answer these: a bad request, a missing key, an unknown id, a body over its limit, an
+        # unexpected error, or the database or storage being away. Routers add their own (403, 409, 422, 429).
+        responses=errors.declare(400, 401, 404, 413, 500, 503),
         docs_url=None,
         redoc_url=None,
     )
     docs.install(app)
     errors.install(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(errors.RequestIds)  # added last: the outermost, so every response carries its id
     for router in (files.router, jobs.router, models.router, webhooks.router):
         app.include_router(router, dependencies=[Depends(principal)])
     app.include_router(admin.router, dependencies=[Depends(require_admin)])

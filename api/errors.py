@@ -1,6 +1,8 @@
 """One place renders every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
+import json
 import logging
+import secrets
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
@@ -11,6 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import TunequeueError
 from shared.storage import StorageError
@@ -42,6 +45,7 @@ def declare(*statuses: int) -> dict:
         413: "Request body or file over its limit",
         422: "Understood but unusable (e.g. a file whose purpose is not fine-tune)",
         429: "A per-tenant limit was reached; see Retry-After",
+        500: "An unexpected error; the message carries the request id to quote when reporting it",
         503: "The database or object storage is unavailable; see Retry-After",
     }
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
@@ -125,3 +129,48 @@ def install(app: FastAPI) -> None:
         log.info("refused a value the database cannot store: %s", exc.orig)
         message = f"A value in the request cannot be stored: {str(exc.orig).splitlines()[0]}"
         return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_value"), status_code=400)
+
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class RequestIds:
+    """Gives every request an id, sent back in the x-request-id header. An error no handler knows becomes a
+    500 in OpenAI's shape whose message quotes that id, and the traceback goes to the log under the same id:
+    the SDK shows the user a message they can report, and the operator finds the one log line it points to.
+    Added outermost, so that every response (refusals of the other middlewares included) carries the header."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("internal error, request id %s: %s %s", rid, scope["method"], scope["path"])
+            if started:  # a streamed body broke off after its status was sent: the server cuts the connection
+                raise
+            await send_server_error(send_with_id, rid)
+
+
+async def send_server_error(send: Send, rid: str) -> None:
+    body = json.dumps(
+        error_body(f"Internal error; quote request id {rid} when reporting it", "server_error", None, "server_error")
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

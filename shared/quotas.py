@@ -1,9 +1,14 @@
 """Per-tenant storage quota: the bytes a tenant holds in object storage (its files, its jobs' checkpoints and
-adapters) and the number of its files, checked before anything new is stored."""
+adapters) and the number of its files, checked before anything new is stored.
+
+Each stored object counts once, by the size recorded when it was written: a live file's `bytes`, a checkpoint's
+`bytes` (resume states saved at a pause are checkpoints too), a delivered adapter's `adapter_bytes` while its
+model is not deleted. The delivered adapter also has a checkpoint row naming the same object; that row is not
+counted again. Attempt logs and completion markers are small and not counted."""
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from shared.errors import RateLimited, TunequeueError
@@ -19,28 +24,34 @@ class QuotaExceeded(TunequeueError):
 
 @dataclass(frozen=True)
 class Usage:
-    bytes: int
-    files: int
+    bytes: int = 0
+    files: int = 0
 
 
 def usage(session: Session, tenant: str) -> Usage:
     """What a tenant holds now: live files, checkpoints still stored, delivered adapters of models not deleted."""
-    file_bytes, file_count = session.execute(
-        select(func.coalesce(func.sum(File.bytes), 0), func.count(File.id)).where(
-            File.tenant == tenant, File.deleted.is_(False)
-        )
-    ).one()
-    checkpoint_bytes = session.scalar(
-        select(func.coalesce(func.sum(Checkpoint.bytes), 0))
+    return usage_by_tenant(session, tenant).get(tenant, Usage())
+
+
+def usage_by_tenant(session: Session, tenant: str | None = None) -> dict[str, Usage]:
+    """Every tenant that holds something (only `tenant`, when given), in three grouped queries."""
+    files = select(File.tenant, func.sum(File.bytes), func.count(File.id)).where(File.deleted.is_(False))
+    checkpoints = (
+        select(Job.tenant, func.sum(Checkpoint.bytes), literal(0))
         .join(Job, Job.id == Checkpoint.job_id)
-        .where(Job.tenant == tenant)
+        .where(or_(Job.adapter_key.is_(None), Checkpoint.storage_key != Job.adapter_key))
     )
-    adapter_bytes = session.scalar(
-        select(func.coalesce(func.sum(Job.adapter_bytes), 0)).where(
-            Job.tenant == tenant, Job.model_deleted_at.is_(None)
-        )
-    )
-    return Usage(bytes=int(file_bytes) + int(checkpoint_bytes or 0) + int(adapter_bytes or 0), files=int(file_count))
+    adapters = select(Job.tenant, func.sum(Job.adapter_bytes), literal(0)).where(Job.model_deleted_at.is_(None))
+    held: dict[str, Usage] = {}
+    for query, owner in ((files, File.tenant), (checkpoints, Job.tenant), (adapters, Job.tenant)):
+        for name, size, count in session.execute(_of_tenant(query, owner, tenant).group_by(owner)):
+            before = held.get(name, Usage())
+            held[name] = Usage(before.bytes + int(size or 0), before.files + int(count or 0))
+    return held
+
+
+def _of_tenant(query: Select, owner, tenant: str | None) -> Select:
+    return query if tenant is None else query.where(owner == tenant)
 
 
 def check_upload(session: Session, tenant: str, incoming_bytes: int) -> None:
@@ -61,4 +72,18 @@ def check_upload(session: Session, tenant: str, incoming_bytes: int) -> None:
             f"its storage quota of {settings.storage_quota_bytes} (TUNEQUEUE_STORAGE_QUOTA_BYTES); delete files "
             "or fine-tuned models you no longer need",
             param="file",
+        )
+
+
+def check_room(session: Session, tenant: str) -> None:
+    """Refuse new work (a job stores checkpoints and an adapter) once the tenant is at or over its quota (413).
+    A job's size is not known before it trains, so a tenant under its quota may start one that takes it
+    over; the next job is then refused until the tenant frees space."""
+    quota = get_settings().storage_quota_bytes
+    held = usage(session, tenant)
+    if held.bytes >= quota:
+        raise QuotaExceeded(
+            f"the tenant holds {held.bytes} bytes, at or over its storage quota of {quota} "
+            "(TUNEQUEUE_STORAGE_QUOTA_BYTES); delete files or fine-tuned models you no longer need, then create "
+            "the job again"
         )

@@ -62,7 +62,7 @@ class StorageSettings(_Area):
 
     @property
     def resolved_storage_url(self) -> str:
-        return self.storage_url or f"file://{self.resolved_data_dir / 'storage'}"
+        return self.storage_url or (self.resolved_data_dir / "storage").as_uri()
 
     @property
     def resolved_model_dir(self) -> Path:

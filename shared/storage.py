@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from shared.checksums import CHUNK, HashingReader, sha256_stream
-from shared.settings import get_settings
+from shared.settings import InvalidSettings, get_settings
 
 T = TypeVar("T")
 log = logging.getLogger("tunequeue.storage")
@@ -262,10 +262,24 @@ class S3Storage(Storage):
 def storage_from_url(url: str, endpoint_url: str | None = None) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return LocalStorage(Path(parsed.path))
+        return LocalStorage(local_path(url))
     if parsed.scheme == "s3":
         return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
     raise ValueError(f"TUNEQUEUE_STORAGE_URL must start with file:// or s3://, got {url!r}")
+
+
+def local_path(url: str) -> Path:
+    """The folder of a file:// URL. Its host must be empty or localhost (file://host/path names another
+    machine's file, which this process cannot write), and percent-escapes are decoded (file:///my%20data)."""
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise InvalidSettings(
+            f"invalid settings: TUNEQUEUE_STORAGE_URL={url!r}: a file:// URL names a folder on this machine, "
+            f"so its host must be empty or localhost, not {parsed.netloc!r}; write file:///absolute/path"
+        )
+    if not parsed.path:
+        raise InvalidSettings(f"invalid settings: TUNEQUEUE_STORAGE_URL={url!r}: give a folder, e.g. file:///srv/tq")
+    return Path(unquote(parsed.path))
 
 
 @lru_cache

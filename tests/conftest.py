@@ -162,6 +162,8 @@ def moto_endpoint(tmp_path_factory):
     process.wait(timeout=10)
 
 
+# The tests' own webhook receivers listen on loopback, which webhooks may not reach unless allowed.
+LOOPBACK_WEBHOOKS = {"TUNEQUEUE_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128"}
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -190,13 +192,18 @@ def production_env(tmp_path, postgres_url, redis_url, moto_endpoint, s3_bucket) 
         "TUNEQUEUE_METRICS_INTERVAL_SECONDS": "0.5",
         "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5",
         "TUNEQUEUE_HEARTBEAT_SECONDS": "0.5",
+        **LOOPBACK_WEBHOOKS,
     }
 
 
 @pytest.fixture
 def embedded_env(tmp_path) -> dict[str, str]:
     """Nothing set but the data folder: SQLite, the SQLAlchemy broker on SQLite, local storage."""
-    env = {"TUNEQUEUE_DATA_DIR": str(tmp_path / "embedded"), "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5"}
+    env = {
+        "TUNEQUEUE_DATA_DIR": str(tmp_path / "embedded"),
+        "TUNEQUEUE_CANCEL_POLL_SECONDS": "0.5",
+        **LOOPBACK_WEBHOOKS,
+    }
     for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
         os.environ.pop(key, None)
     return env

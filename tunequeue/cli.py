@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tunequeue import __version__
-from tunequeue.commands import db, keys, models, processes
+from tunequeue.commands import db, keys, models, processes, webhooks
 from tunequeue.console import EXIT_REFUSED, Refused, error
 
 EPILOG = "Exit codes: 0 done, 1 refused or failed (the reason is on stderr), 2 the command line is wrong."
@@ -75,10 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("--tenant", required=True, help="the tenant whose files and jobs the key reaches")
     create_key.add_argument("--admin", action="store_true", help="may also use /admin (all tenants)")
     create_key.add_argument("--name", help="a label, e.g. who holds it")
+    create_key.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        help="refuse the key after this long: 30d, 12h, 90m or seconds (default: never)",
+    )
     list_keys = action(keys, "list", "list keys (never their secrets)")
     list_keys.add_argument("--tenant", help="only this tenant's keys")
     revoke = action(keys, "revoke", "revoke a key; its next request gets 401")
     revoke.add_argument("key_id", help="the key's id, as `keys list` shows it (key-...)")
+
+    hooks = actions(command("webhooks", "the keys that encrypt webhook signing secrets at rest"))
+    action(hooks, "new-key", "print a new key for TUNEQUEUE_SECRET_KEYS, on stdout")
+    action(hooks, "reencrypt", "rewrite every webhook secret with the first key (then older keys can go)")
 
     command("sweep", "requeue jobs whose worker's lease expired, republish jobs the broker lost (workers do this)")
 
@@ -116,6 +125,7 @@ HANDLERS = {
     "worker": processes.run_worker,
     "dev": processes.run_dev,
     "keys": keys.run_keys,
+    "webhooks": webhooks.run_webhooks,
     "sweep": processes.run_sweep,
     "demo": processes.run_demo,
 }

@@ -12,6 +12,22 @@ class Refused(Exception):
     """A command cannot do what it was asked; the message says why and what to run instead."""
 
 
+def require_training_libraries(command: str) -> None:
+    """Commands that run the recipe or convert models need torch: in an image without it (the API image)
+    they say where to run instead of failing deep inside."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("torch") is None
+    except ModuleNotFoundError:
+        missing = True
+    if missing:
+        raise Refused(
+            f"`{command}` needs the worker's libraries (torch), which this installation lacks: run it where the "
+            "worker runs (e.g. `docker compose run --rm worker ...`), or install `tunequeue[worker]`"
+        )
+
+
 def error(command: str, message: str) -> None:
     print(f"tunequeue {command}: error: {message}", file=sys.stderr)
 

@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 
@@ -32,28 +34,29 @@ def run(port: int | None, epochs: int) -> int:
     base_url = f"http://127.0.0.1:{port}"
     processes = start_services(port)
     try:
-        client = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {demo_key()}"})
-        wait_ready(client, api=processes[0])
-        job = submit(client, epochs)
-        job = follow(client, job["id"])
-        if job["status"] != "succeeded":
-            print(f"\nThe job ended {job['status']}: {job.get('error')}")
-            return 1
-        report = job.get("validation_report") or {}
-        print(
-            f"Validation report: {report.get('examples')} examples, {report.get('total_tokens')} tokens "
-            f"({report.get('loss_tokens')} trained), length p50/p95/max {report.get('length')}"
-        )
-        adapter = download(client, job["id"])
-        metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
-        if "initial_valid_loss" in metrics:
+        with demo_key() as secret:  # revoked when the demo ends, however it ends (Ctrl-C included)
+            client = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {secret}"})
+            wait_ready(client, api=processes[0])
+            job = submit(client, epochs)
+            job = follow(client, job["id"])
+            if job["status"] != "succeeded":
+                print(f"\nThe job ended {job['status']}: {job.get('error')}")
+                return 1
+            report = job.get("validation_report") or {}
             print(
-                f"valid_loss on the held-out 5%: {metrics['initial_valid_loss']:.3f} before training -> "
-                f"{metrics['full_valid_loss']:.3f} after (adapter from step {metrics['adapter']['step']})"
+                f"Validation report: {report.get('examples')} examples, {report.get('total_tokens')} tokens "
+                f"({report.get('loss_tokens')} trained), length p50/p95/max {report.get('length')}"
             )
-        compare(adapter)
-        print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Adapter: {adapter}")
-        return 0
+            adapter = download(client, job["id"])
+            metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
+            if "initial_valid_loss" in metrics:
+                print(
+                    f"valid_loss on the held-out 5%: {metrics['initial_valid_loss']:.3f} before training -> "
+                    f"{metrics['full_valid_loss']:.3f} after (adapter from step {metrics['adapter']['step']})"
+                )
+            compare(adapter)
+            print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Adapter: {adapter}")
+            return 0
     finally:
         for process in processes:
             process.terminate()
@@ -102,14 +105,21 @@ def start_services(port: int) -> list[subprocess.Popen]:
     return [api, worker]
 
 
-def demo_key() -> str:
-    """The demo makes its own key (tenant `demo`); like every key, only its hash is stored."""
-    from shared.auth.service import create_key
+@contextmanager
+def demo_key() -> Iterator[str]:
+    """The demo's own key (tenant `demo`), revoked when the demo ends: a demo leaves no working key behind.
+    Like every key, only its hash is stored."""
+    from shared.auth.service import create_key, revoke_key
     from shared.db import session_scope
 
     with session_scope() as session:
-        _, secret = create_key(session, "demo", name="make demo")
-    return secret
+        key, secret = create_key(session, "demo", name="make demo")
+        key_id = key.id
+    try:
+        yield secret
+    finally:
+        with session_scope() as session:
+            revoke_key(session, key_id)
 
 
 def wait_ready(client: httpx.Client, api: subprocess.Popen, timeout: float = 60) -> None:

@@ -3,9 +3,11 @@
 import logging
 import os
 import socket
+import threading
 import time
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
+from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
 from shared.db import after_commit, retrying, session_scope
@@ -34,12 +36,17 @@ def worker_name() -> str:
 
 @app.task(name=VALIDATE_TASK)
 def validate(job_id: str) -> None:
-    """validating_files → queued (and publish training), or failed with the report."""
+    """validating_files → queued (and publish training), or failed with the report. The job is claimed first
+    (`claim_validation`): a redelivered or republished message finds it claimed and is acked, so that data is
+    checked once however many messages there are."""
+    settings = get_settings()
+    worker = worker_name()
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != state.VALIDATING:
+        if not claim_validation(session, job_id, worker, settings.lease_seconds):
+            log.info("job %s is not validating or another worker is validating it; acking", job_id)
             return
-        job.updated_at = now()  # taken: the sweeper measures "no message for this job" from here
+        job = session.get(Job, job_id)
+        assert job is not None  # just claimed
         base = session.get(BaseModelRecord, job.model)
         training = session.get(File, job.training_file)
         validation = session.get(File, job.validation_file) if job.validation_file else None
@@ -48,25 +55,76 @@ def validate(job_id: str) -> None:
         _fail_validation(job_id, "invalid_training_file", "a file or the base model of this job was deleted", None)
         return
     try:
-        check = check_job_data(
-            get_storage(),
-            get_settings(),
-            base,
-            training,
-            validation,
-            max_seq_length=options["max_seq_length"],
-            train_on_inputs=options.get("train_on_inputs", False),
-        )
+        with ValidationLease(job_id, worker, settings.lease_seconds):
+            check = check_job_data(
+                get_storage(),
+                settings,
+                base,
+                training,
+                validation,
+                max_seq_length=options["max_seq_length"],
+                train_on_inputs=options.get("train_on_inputs", False),
+            )
     except Exception as exc:  # a broken tokenizer or template is reported, not left validating
         log.exception("validation of %s failed", job_id)
-        _fail_validation(job_id, "validation_error", f"{type(exc).__name__}: {exc}", None)
+        # A tokenizer's or template's own words help the user; a storage error's (bucket, endpoint) are the admins'.
+        reason = "storage unavailable" if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
+        _fail_validation(job_id, "validation_error", reason, None)
         return
     with session_scope() as session:
+        # Leaving validating_files (either way) clears the lease.
         session.execute(update(Job).where(Job.id == job_id).values(validation_report=check.report))
         if not check.ok:
             execution.fail_job(session, job_id, None, "invalid_training_file", check.message(), check.param)
         elif state.transition(session, job_id, state.QUEUED, expect={state.VALIDATING}):
             after_commit(session, lambda: dispatch_training(job_id))
+
+
+def claim_validation(session: Session, job_id: str, worker: str, lease_seconds: float) -> bool:
+    """A conditional UPDATE: the job is validating and nobody holds a live validation lease on it. Of any
+    duplicate messages, one wins; a lease left by a worker that died expires and the job can be taken again."""
+    timestamp = now()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == state.VALIDATING,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < timestamp),
+        )
+        .values(worker=worker, lease_expires_at=timestamp + int(lease_seconds), updated_at=timestamp)
+        .execution_options(synchronize_session=False)
+    )
+    return claimed.rowcount == 1  # type: ignore[attr-defined]
+
+
+class ValidationLease:
+    """Renews a validation claim from a thread while the data is checked (a long line or a slow tokenizer
+    download would otherwise outlast the lease), and stops before the job leaves validating_files."""
+
+    def __init__(self, job_id: str, worker: str, lease_seconds: float):
+        self.job_id, self.worker, self.lease_seconds = job_id, worker, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"validation-lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> "ValidationLease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                with session_scope() as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == state.VALIDATING, Job.worker == self.worker)
+                        .values(lease_expires_at=now() + int(self.lease_seconds), updated_at=now())
+                    )
+            except Exception:  # the database is away for a moment: the next renewal tries again
+                log.warning("could not renew the validation lease of %s", self.job_id, exc_info=True)
 
 
 def _fail_validation(job_id: str, code: str, message: str, param: str | None) -> None:
@@ -134,12 +192,12 @@ def run_attempt(job_id: str, attempt: int, lease: Lease) -> None:
         _fail(job_id, attempt, exc.code, str(exc), exc.param)
     except RetryAttempt as exc:
         _requeue(job_id, attempt, str(exc), exc.code)
-    except StorageError as exc:
+    except StorageError:
         log.exception("job %s: storage failed", job_id)
-        _requeue(job_id, attempt, f"Attempt {attempt}: object storage failed: {exc}", "storage_error")
+        _requeue(job_id, attempt, f"Attempt {attempt}: storage unavailable", "storage_error")  # details: the log
     except BaseException as exc:  # never leave a job in `running`
         log.exception("job %s failed", job_id)
-        _requeue(job_id, attempt, f"Attempt {attempt}: {type(exc).__name__}: {exc}", "internal_error")
+        _requeue(job_id, attempt, f"Attempt {attempt}: internal error on its worker", "internal_error")
         if not isinstance(exc, Exception):
             raise
 

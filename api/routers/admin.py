@@ -7,10 +7,12 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from sqlalchemy.orm import Session
 
 from api.deps import After, DbSession, StorageDep
 from api.docs import streamed
 from api.errors import declare
+from shared import quotas
 from shared.auth import service as keys
 from shared.ids import now
 from shared.jobs import service as jobs
@@ -18,6 +20,7 @@ from shared.jobs.schemas import FineTuningJob, TenantJob
 from shared.jobs.status import JobStatus
 from shared.pagination import Listing, Page
 from shared.queue import queue_depth
+from shared.settings import get_settings
 from shared.workers import service as workers
 
 TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # what `keys create --tenant` accepts; filters take the same
@@ -61,6 +64,27 @@ def overview(session: DbSession):
         "recent_failures": [
             {"id": j.id, "tenant": j.tenant, "model": j.model, "finished_at": j.finished_at, "error": j.error}
             for j in jobs.recent_failures(session)
+        ],
+        "storage": storage_overview(session),
+    }
+
+
+def storage_overview(session: Session) -> dict:
+    """Each tenant's stored bytes and files against the quota, fullest first: who is about to be refused."""
+    settings = get_settings()
+    quota = settings.storage_quota_bytes
+    held = sorted(quotas.usage_by_tenant(session).items(), key=lambda item: (-item[1].bytes, item[0]))
+    return {
+        "quota_bytes": quota,
+        "max_files_per_tenant": settings.max_files_per_tenant,
+        "tenants": [
+            {
+                "tenant": tenant,
+                "bytes": usage.bytes,
+                "files": usage.files,
+                "quota_used": round(usage.bytes / quota, 4) if quota else None,
+            }
+            for tenant, usage in held
         ],
     }
 
@@ -116,6 +140,7 @@ class KeyObject(BaseModel):
     prefix: str = Field(description="The secret's first characters, to tell keys apart")
     created_at: int
     revoked_at: int | None
+    expires_at: int | None = Field(default=None, description="Refused after this time; null: until revoked")
 
 
 class CreatedKey(KeyObject):
@@ -127,6 +152,9 @@ class KeyCreate(BaseModel):
     tenant: str = Field(pattern=TENANT_NAME, examples=["acme"])
     admin: StrictBool = False
     name: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")
+    expires_in_seconds: int | None = Field(
+        default=None, gt=0, le=keys.MAX_EXPIRES_IN, description="Refuse the key after this many seconds; null: never"
+    )
 
 
 @router.get("/keys", response_model=Listing[KeyObject])
@@ -136,7 +164,9 @@ def list_keys(session: DbSession, tenant: str | None = Query(None, pattern=TENAN
 
 @router.post("/keys", response_model=CreatedKey)
 def create_key(session: DbSession, request: KeyCreate):
-    key, secret = keys.create_key(session, request.tenant, admin=request.admin, name=request.name)
+    key, secret = keys.create_key(
+        session, request.tenant, admin=request.admin, name=request.name, expires_in=request.expires_in_seconds
+    )
     return {**keys.describe(key), "secret": secret}  # shown once
 
 

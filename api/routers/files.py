@@ -5,17 +5,20 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import After, DbSession, SettingsDep, StorageDep, Tenant
 from api.docs import streamed
+from api.downloads import content_disposition
 from api.errors import declare
+from api.limits import MULTIPART_OVERHEAD
 from shared.checksums import iter_file_chunks, sha256_stream
 from shared.files import service
 from shared.files.schemas import FileDeleted, FileObject
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.pagination import Page
+from shared.quotas import check_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=declare(409))
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses=declare(413, 429))
 def create_file(
     session: DbSession,
     storage: StorageDep,
@@ -24,7 +27,11 @@ def create_file(
     file: UploadFile,
     purpose: Literal["fine-tune"] = Form(..., description="Only `fine-tune` files are accepted"),
     idempotency_key: Annotated[str | None, Header()] = None,
+    content_length: Annotated[int | None, Header(include_in_schema=False)] = None,
 ):
+    """Uploads of one tenant in flight at once are bounded (429); the storage quota is checked first with the
+    declared Content-Length (the file is at least that, less the form around it), then with the exact size."""
+
     def create() -> dict:
         created = service.create_file(
             session,
@@ -36,13 +43,17 @@ def create_file(
             max_bytes=settings.max_upload_bytes,
             max_lines=settings.max_file_lines,
             max_line_bytes=settings.max_line_bytes,
+            max_messages=settings.max_messages_per_example,
         )
         return FileObject.of(created).model_dump(mode="json")
 
-    fingerprint = None
-    if idempotency_key is not None:
-        fingerprint = request_fingerprint(purpose, file.filename, upload_sha256(file))
-    return idempotent(session, tenant, idempotency_key, "POST /v1/files", fingerprint or "", create)
+    with service.UPLOADS.hold(tenant, settings.max_concurrent_uploads_per_tenant):
+        if content_length is not None:
+            check_upload(session, tenant, max(0, content_length - MULTIPART_OVERHEAD))
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = request_fingerprint(purpose, file.filename, upload_sha256(file))
+        return idempotent(session, tenant, idempotency_key, "POST /v1/files", fingerprint or "", create)
 
 
 def upload_sha256(file: UploadFile) -> str:
@@ -84,5 +95,5 @@ def file_content(session: DbSession, storage: StorageDep, tenant: Tenant, file_i
     return StreamingResponse(
         service.file_content(storage, file),
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{file.filename}"'},
+        headers={"Content-Disposition": content_disposition(file.filename)},
     )

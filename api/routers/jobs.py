@@ -1,12 +1,14 @@
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import After, Caller, DbSession, SettingsDep, StorageDep, Tenant
 from api.docs import streamed
-from api.errors import declare
+from api.downloads import content_disposition
+from api.errors import ErrorResponse, declare
 from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service
@@ -17,8 +19,13 @@ from shared.pagination import Page
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=declare(409, 422, 429))
 
 
-@router.post("", response_model=FineTuningJob | DryRun)
-def create_job(
+DRY_RUN_TIMEOUT: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorResponse, "description": "A dry run's data check passed its time limit"}
+}
+
+
+@router.post("", response_model=FineTuningJob | DryRun, responses=DRY_RUN_TIMEOUT)
+async def create_job(
     session: DbSession,
     storage: StorageDep,
     settings: SettingsDep,
@@ -27,22 +34,24 @@ def create_job(
     request: JobCreate,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    """Async so that a dry run awaits its data check (a thread of its own, bounded) without holding a request
+    thread; the database work of both paths runs in the thread pool."""
+    limits = {
+        "max_active": settings.max_active_jobs_per_tenant,
+        "max_queued": settings.max_queued_jobs_per_tenant,
+        "max_priority": 9 if caller.admin else settings.max_tenant_priority,
+    }
     if request.dry_run:
-        return dry_run(session, storage, settings, tenant, request)
+        return await dry_run(session, storage, settings, tenant, request, **limits)
 
     def create() -> dict:
-        job = service.create_job(
-            session,
-            tenant,
-            request,
-            settings.max_active_jobs_per_tenant,
-            settings.max_queued_jobs_per_tenant,
-            max_priority=9 if caller.admin else settings.max_tenant_priority,
-        )
+        job = service.create_job(session, tenant, request, **limits)
         return FineTuningJob.of(job).model_dump(mode="json")
 
     fingerprint = request_fingerprint(request.model_dump(mode="json"))
-    return idempotent(session, tenant, idempotency_key, "POST /v1/fine_tuning/jobs", fingerprint, create)
+    return await run_in_threadpool(
+        idempotent, session, tenant, idempotency_key, "POST /v1/fine_tuning/jobs", fingerprint, create
+    )
 
 
 @router.get("", response_model=Page[FineTuningJob])
@@ -54,15 +63,25 @@ def list_jobs(
 
 
 def _metadata_filter(http: Request) -> dict[str, str] | None:
-    # The SDK sends metadata={"k": "v"} as the query parameters metadata[k]=v.
+    # The SDK sends metadata={"k": "v"} as the query parameters metadata[k]=v; metadata={"k":"v"} (JSON) works too.
     found = {key[9:-1]: value for key, value in http.query_params.items() if key.startswith("metadata[")}
     raw = http.query_params.get("metadata")
     if raw:
-        try:
-            found.update(json.loads(raw))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise InvalidRequest("metadata must be a JSON object of strings", param="metadata") from exc
+        found.update(_metadata_object(raw))
     return found or None
+
+
+def _metadata_object(raw: str) -> dict[str, str]:
+    try:
+        parsed = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):  # deep nesting: refused like any other non-object
+        parsed = None
+    if not isinstance(parsed, dict) or not all(isinstance(value, str) for value in parsed.values()):
+        raise InvalidRequest(
+            'metadata must be a JSON object of strings, e.g. metadata={"team":"ml"} (or metadata[team]=ml)',
+            param="metadata",
+        )
+    return parsed
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
@@ -129,7 +148,7 @@ def download_adapter(session: DbSession, storage: StorageDep, tenant: Tenant, jo
         storage.iter_chunks(key),
         media_type="application/zip",
         headers={
-            "Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"',
+            "Content-Disposition": content_disposition(f"{job_id}-adapter.zip"),
             "X-Adapter-SHA256": sha256 or "",
         },
     )

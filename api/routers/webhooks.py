@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import DbSession, Tenant
+from api.errors import declare
 from shared.pagination import Page
 from shared.webhooks import service
 
@@ -33,7 +34,10 @@ class EndpointObject(BaseModel):
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
     url: str
     created_at: int
-    enabled: bool
+    enabled: bool = Field(description="False once disabled by its failures in a row; POST …/enable turns it on")
+    consecutive_failures: int = Field(description="Failed attempts in a row; reset by a delivered one")
+    disabled_at: int | None
+    disabled_reason: str | None
 
 
 class CreatedEndpoint(EndpointObject):
@@ -55,15 +59,28 @@ class DeliveryObject(BaseModel):
     history: list
 
 
-@router.post("", response_model=CreatedEndpoint)
+@router.post("", response_model=CreatedEndpoint, responses=declare(429))
 def create_endpoint(session: DbSession, tenant: Tenant, request: EndpointCreate):
-    return CreatedEndpoint.model_validate(service.create_endpoint(session, tenant, request.url))  # secret shown once
+    endpoint, secret = service.create_endpoint(session, tenant, request.url)
+    shown = EndpointObject.model_validate(endpoint).model_dump()
+    return CreatedEndpoint(**shown, secret=secret)  # shown once; the row holds it encrypted
 
 
 @router.get("", response_model=Page[EndpointObject])
 def list_endpoints(session: DbSession, tenant: Tenant):
     endpoints = service.list_endpoints(session, tenant)
     return Page[EndpointObject].whole([EndpointObject.model_validate(e) for e in endpoints])
+
+
+@router.get("/{endpoint_id}", response_model=EndpointObject)
+def get_endpoint(session: DbSession, tenant: Tenant, endpoint_id: str):
+    return EndpointObject.model_validate(service.get_endpoint(session, tenant, endpoint_id))
+
+
+@router.post("/{endpoint_id}/enable", response_model=EndpointObject)
+def enable_endpoint(session: DbSession, tenant: Tenant, endpoint_id: str):
+    """Turns an endpoint disabled by its failures back on, with its failure count at zero."""
+    return EndpointObject.model_validate(service.enable_endpoint(session, tenant, endpoint_id))
 
 
 @router.delete("/{endpoint_id}")

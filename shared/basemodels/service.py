@@ -3,6 +3,8 @@ keeps a verified local copy."""
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 from sqlalchemy import select
@@ -16,6 +18,28 @@ from shared.ids import now
 from shared.storage import Storage
 
 _VERIFIED_MARKER = ".tunequeue-verified.json"
+# A base model's id names its folder in every worker's model store and its prefix in object storage: one path
+# component, never '/', '..', a space or empty. No ':' either: fine-tuned models are `ft:<base>:<suffix>:<job>`.
+BASE_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_id(model_id: str) -> str:
+    if not BASE_MODEL_ID.fullmatch(model_id):
+        raise InvalidRequest(
+            f"Invalid base model name {model_id!r}: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (no '/', ':' or spaces), e.g. my-llama-1b",
+            param="name",
+        )
+    return model_id
+
+
+def model_folder(model_dir: Path, model_id: str) -> Path:
+    """The local folder of a base model: always directly inside the model store, whatever the name says."""
+    root = Path(os.path.normpath(model_dir.expanduser().absolute()))
+    folder = Path(os.path.normpath(root / check_model_id(model_id)))
+    if folder.parent != root:
+        raise InvalidRequest(f"Base model name {model_id!r} leads outside the model store {root}", param="name")
+    return folder
 
 
 def list_base_models(session: Session) -> list[BaseModelRecord]:
@@ -41,7 +65,7 @@ def register_base_model(
     linear_modules: list[str],
 ) -> BaseModelRecord:
     """Upload an imported model folder to storage and record it (replacing an earlier import of the id)."""
-    prefix = f"models/{model_id}"
+    prefix = f"models/{check_model_id(model_id)}"
     files = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         _, sha256 = storage.put_file(f"{prefix}/{path.name}", path)
@@ -128,7 +152,7 @@ def ensure_local_copy(
 ) -> Path:
     """Return a local folder holding the recorded files (or `only` those of them), downloading what is
     missing or stale; everything is checked against its sha256."""
-    folder = model_dir / record.id
+    folder = model_folder(model_dir, record.id)
     marker = folder / _VERIFIED_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == record.files:
         return folder

@@ -1,7 +1,11 @@
 """The models a tenant sees under /v1/models: the imported base models and its fine-tuned ones (a fine-tuned
-model is the adapter of a succeeded job). Deleting a fine-tuned model deletes its adapter."""
+model is the adapter of a succeeded job). Deleting a fine-tuned model deletes every object its job stored: the
+adapter, and the checkpoints, saved states and attempt logs that hold the same weights or describe them.
 
-from sqlalchemy import select
+The job's result file (purpose `fine-tune-results`, its metrics as CSV) stays: it is one of the tenant's Files,
+listed and deleted under /v1/files like any other, and it holds no weights."""
+
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
@@ -9,7 +13,7 @@ from shared.basemodels.service import list_base_models
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import now
 from shared.jobs import state
-from shared.jobs.models import Job
+from shared.jobs.models import Checkpoint, Job
 from shared.storage import Storage
 
 
@@ -45,10 +49,20 @@ def delete_model(session: Session, storage: Storage, tenant: str, model_id: str)
         raise InvalidRequest(f"{model_id} is a base model; only fine-tuned models can be deleted", param="model")
     job = _tuned_job(session, tenant, model_id)
     job.model_deleted_at = now()
+    job.resume_key = job.resume_sha256 = None
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id).execution_options(synchronize_session=False))
     session.flush()
-    if job.adapter_key:
-        storage.delete(job.adapter_key)
+    # Before the commit: if storage fails, the deletion rolls back and can be asked again; the other way round,
+    # a crash between commit and deletion would leave objects that nothing lists.
+    delete_job_objects(storage, job)
     return model_id
+
+
+def delete_job_objects(storage: Storage, job: Job) -> None:
+    """Everything under the job's prefix, every attempt's (`shared.jobs.service.attempt_prefix` lays keys out
+    below it)."""
+    for key in storage.list_keys(f"tenants/{job.tenant}/jobs/{job.id}/"):
+        storage.delete(key)
 
 
 def _tuned_job(session: Session, tenant: str, model_id: str) -> Job:

@@ -4,10 +4,15 @@ report and the recipe all encode through here, so what is reported is what is tr
 
 Loss falls on assistant turns only (unless `train_on_inputs`), each span running through the turn's
 end-of-turn token so the tuned model learns to stop; `weight: 0` turns are skipped. Prompt/completion trains
-the completion plus EOS; text trains everything plus EOS."""
+the completion plus EOS; text trains everything plus EOS.
 
+A chat example is rendered once, whatever its length (`_chat_spans`): rendering every prefix again for every
+assistant turn costs the square of the conversation's length, which a single long line turns into minutes."""
+
+import bisect
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -77,10 +82,7 @@ class ChatTokenizer:
             spans = [(0, len(text))]
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         ids = list(encoding.ids)
-        labels = [
-            token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-            for token, (begin, _) in zip(ids, encoding.offsets, strict=True)
-        ]
+        labels = _labels(ids, encoding.offsets, spans)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
             labels.append(self.eos_id)
@@ -88,20 +90,95 @@ class ChatTokenizer:
         return Encoded(ids[:max_seq_length], labels[:max_seq_length], full > max_seq_length, full)
 
     def _chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and each trained assistant turn's span in it: from where the generation
+        prompt ends (`render(turns before, add_generation_prompt=True)`) through the turn's end (`render(turns
+        through it)`). Found in one render where the template allows (`_spans_in_one_render`); otherwise prefix by
+        prefix, which TUNEQUEUE_MAX_MESSAGES_PER_EXAMPLE bounds."""
         text = self.render(messages)
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant" or message.get("weight", 1) == 0:
-                continue
-            prompt = self.render(messages[:index], add_generation_prompt=True)
-            through = self.render(messages[: index + 1])
-            if not text.startswith(through) or not through.startswith(prompt):
-                raise EncodingError("the chat template does not render conversations prefix by prefix")
-            spans.append((len(prompt), len(through)))
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+        if not trained:
+            return text, []
+        spans = self._spans_in_one_render(messages, text, trained)
+        if spans is None:
+            spans = [self._span_by_prefixes(messages, text, index) for index in trained]
         return text, spans
+
+    def _span_by_prefixes(self, messages: list[dict], text: str, index: int) -> tuple[int, int]:
+        prompt = self.render(messages[:index], add_generation_prompt=True)
+        through = self.render(messages[: index + 1])
+        if not text.startswith(through) or not through.startswith(prompt):
+            raise EncodingError("the chat template does not render conversations prefix by prefix")
+        return len(prompt), len(through)
+
+    def _spans_in_one_render(self, messages: list[dict], text: str, trained: list[int]) -> list[tuple[int, int]] | None:
+        """Each message's content is located in the one render through a render with numbered markers in
+        place of the contents. The first trained turn, rendered by prefixes (short: it is near the start),
+        gives what the template writes between the generation prompt and the content (`lead`) and after the
+        content up to the turn's end (`tail`); every trained turn must show the same, and the last one is
+        rendered by prefixes as a check. None when the template transforms contents or varies between turns."""
+        places = self._content_places(messages, text)
+        if places is None:
+            return None
+        first, last = trained[0], trained[-1]
+        prompt_end, turn_end = self._span_by_prefixes(messages, text, first)
+        content_start, content_end = places[first]
+        if not prompt_end <= content_start <= content_end <= turn_end:
+            return None
+        lead, tail = text[prompt_end:content_start], text[content_end:turn_end]
+        spans = []
+        for index in trained:
+            start, end = places[index]
+            if text[start - len(lead) : start] != lead or text[end : end + len(tail)] != tail:
+                return None
+            spans.append((start - len(lead), end + len(tail)))
+        if last != first and spans[-1] != self._span_by_prefixes(messages, text, last):
+            return None
+        return spans
+
+    def _content_places(self, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+        """Where each message's content lies in `text`, or None if the template does not write contents
+        verbatim and in order."""
+        fence = _unused_character([m["content"] for m in messages])
+        if fence is None:
+            return None
+        marked = [{"role": m["role"], "content": f"{fence}{i}{fence}"} for i, m in enumerate(messages)]
+        skeleton = self.render(marked)
+        pattern = re.compile(f"{re.escape(fence)}(\\d+){re.escape(fence)}")
+        found = list(pattern.finditer(skeleton))
+        if [int(match.group(1)) for match in found] != list(range(len(messages))):
+            return None
+        places, pieces, at, shift = [], [], 0, 0
+        for match, message in zip(found, messages, strict=True):
+            pieces.append(skeleton[at : match.start()])
+            start = match.start() + shift
+            content = message["content"]
+            places.append((start, start + len(content)))
+            pieces.append(content)
+            shift += len(content) - (match.end() - match.start())
+            at = match.end()
+        pieces.append(skeleton[at:])
+        return places if "".join(pieces) == text else None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token keeps its id as label where it begins inside a span, else IGNORE_INDEX. Spans are sorted
+    and disjoint (turns in order), so one bisection per token finds its span: linear in tokens, not
+    tokens × turns."""
+    starts = [start for start, _ in spans]
+    labels = []
+    for token, (begin, _) in zip(ids, offsets, strict=True):
+        index = bisect.bisect_right(starts, begin) - 1
+        labels.append(token if index >= 0 and begin < spans[index][1] else IGNORE_INDEX)
+    return labels
+
+
+def _unused_character(texts: list[str]) -> str | None:
+    """A private-use character that none of `texts` holds, to mark places in a render."""
+    used = set().union(*map(set, texts))
+    return next((chr(code) for code in range(0xE000, 0xF900) if chr(code) not in used), None)
 
 
 def _token_text(value) -> str | None:

@@ -5,9 +5,11 @@ before training. Three formats are recognised per line and a file must stick to 
 - prompt/completion: {"prompt": str, "completion": str}
 - text: {"text": str}
 
-Errors and warnings carry line numbers; the first 20 of each are kept and all are counted."""
+Errors and warnings carry line numbers; the first 20 of each are kept and all are counted. Files are read as a
+stream of chunks (`JsonlValidator`): memory holds one line at a time, never the file."""
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 CHAT, PROMPT_COMPLETION, TEXT = "chat", "prompt_completion", "text"
@@ -74,42 +76,129 @@ def validate_jsonl(
     keep_records: bool = False,
     max_line_bytes: int = MAX_LINE_BYTES,
     max_lines: int | None = None,
+    max_messages: int | None = None,
 ) -> ValidationReport:
-    report = ValidationReport()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-        report.warn(1, "a UTF-8 byte order mark was ignored")
-    if b"\r\n" in data:
-        report.warn(1, "Windows (CRLF) line ends were read as plain line ends")
-    last_line = data.count(b"\n") + 1
-    if max_lines is not None and last_line - data.endswith(b"\n") > max_lines:
-        report.error(max_lines + 1, f"the file has more than {max_lines:,} lines (TUNEQUEUE_MAX_FILE_LINES); split it")
+    """A whole file in memory at once: for the recipe, which trains on every record anyway, and for tests."""
+    validator = JsonlValidator(
+        min_examples=min_examples, max_line_bytes=max_line_bytes, max_lines=max_lines, max_messages=max_messages
+    )
+    for record in validator.feed(data):
+        if keep_records:
+            validator.report.records.append(record)
+    return validator.finish()
+
+
+class JsonlValidator:
+    """Checks a JSONL file as its chunks arrive; `feed` yields each accepted example (with its "line") so
+    that a caller can gather statistics without keeping records. Memory is bounded by one line (at most
+    `max_line_bytes`; a longer one is counted, not kept) plus one chunk."""
+
+    def __init__(
+        self,
+        *,
+        min_examples: int = 0,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_lines: int | None = None,
+        max_messages: int | None = None,
+    ):
+        self.report = ValidationReport()
+        self.min_examples = min_examples
+        self.max_line_bytes = max_line_bytes
+        self.max_lines = max_lines
+        self.max_messages = max_messages
+        self.stopped = False  # past max_lines: nothing more is read
+        self._pending = bytearray()
+        self._oversize = 0  # bytes of the current line when it is over max_line_bytes (and so not kept)
+        self._number = 0
+        self._crlf_seen = False
+
+    def feed(self, chunk: bytes) -> Iterator[dict]:
+        """The examples whose line ends in `chunk`."""
+        start = 0
+        while not self.stopped:
+            newline = chunk.find(b"\n", start)
+            if newline < 0:
+                self._hold(chunk[start:])
+                return
+            self._hold(chunk[start:newline])
+            start = newline + 1
+            record = self._line(last=False)
+            if record is not None:
+                yield record
+
+    def feed_all(self, chunks: Iterable[bytes]) -> Iterator[dict]:
+        for chunk in chunks:
+            yield from self.feed(chunk)
+            if self.stopped:
+                return
+        if (self._pending or self._oversize) and not self.stopped:
+            record = self._line(last=True)
+            if record is not None:
+                yield record
+
+    def finish(self) -> ValidationReport:
+        """Ends the file (its last line needs no newline) and applies the whole-file checks."""
+        if (self._pending or self._oversize) and not self.stopped:
+            self._line(last=True)
+        report = self.report
+        if report.ok and report.examples == 0:
+            report.error(1, "the file holds no examples")
+        elif report.ok and report.examples < self.min_examples:
+            report.error(1, f"the file holds {report.examples} examples; at least {self.min_examples} are needed")
         return report
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
+
+    def _hold(self, piece: bytes) -> None:
+        if self._oversize:
+            self._oversize += len(piece)
+        elif len(self._pending) + len(piece) > self.max_line_bytes + 1:  # + 1: a CR before the newline
+            self._oversize = len(self._pending) + len(piece)
+            self._pending.clear()
+        else:
+            self._pending += piece
+
+    def _line(self, last: bool) -> dict | None:
+        self._number += 1
+        number, raw, oversize = self._number, bytes(self._pending), self._oversize
+        self._pending.clear()
+        self._oversize = 0
+        if self.max_lines is not None and number > self.max_lines:
+            self.report.error(
+                number, f"the file has more than {self.max_lines:,} lines (TUNEQUEUE_MAX_FILE_LINES); split it"
+            )
+            self.stopped = True
+            return None
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+            self.report.warn(1, "a UTF-8 byte order mark was ignored")
+        if raw.endswith(b"\r") and not last and not self._crlf_seen:
+            self._crlf_seen = True
+            self.report.warn(1, "Windows (CRLF) line ends were read as plain line ends")
+        if oversize:
+            self.report.error(
+                number, f"is {oversize:,} bytes, over the {self.max_line_bytes:,}-byte limit for one example"
+            )
+            return None
+        return self._example(number, raw.rstrip(b"\r"), last)
+
+    def _example(self, number: int, raw: bytes, last: bool) -> dict | None:
+        report = self.report
         if not raw.strip():
-            if number < last_line:
+            if not last:
                 report.warn(number, "blank line skipped")
-            continue
-        record = _parse_line(report, number, raw, max_line_bytes)
+            return None
+        record = _parse_line(report, number, raw, self.max_line_bytes)
         if record is None:
-            continue
-        kind = _check_record(report, number, record)
+            return None
+        kind = _check_record(report, number, record, self.max_messages)
         if kind is None:
-            continue
+            return None
         if report.format is None:
             report.format = kind
         elif kind != report.format:
             report.error(number, f"is in {kind} format but the file started in {report.format} format; use one")
-            continue
+            return None
         report.examples += 1
-        if keep_records:
-            report.records.append({"line": number, **record})
-    if report.ok and report.examples == 0:
-        report.error(1, "the file holds no examples")
-    elif report.ok and report.examples < min_examples:
-        report.error(1, f"the file holds {report.examples} examples; at least {min_examples} are needed")
-    return report
+        return {"line": number, **record}
 
 
 def _no_constants(name: str):
@@ -142,9 +231,9 @@ def _parse_line(report: ValidationReport, number: int, raw: bytes, max_line_byte
     return record
 
 
-def _check_record(report: ValidationReport, number: int, record: dict) -> str | None:
+def _check_record(report: ValidationReport, number: int, record: dict, max_messages: int | None = None) -> str | None:
     if "messages" in record:
-        kind, problem = CHAT, _check_chat(report, number, record)
+        kind, problem = CHAT, _check_chat(report, number, record, max_messages)
         extra = set(record) - {"messages"}
     elif "prompt" in record or "completion" in record:
         kind, problem = PROMPT_COMPLETION, _check_strings(record, ("prompt", "completion"))
@@ -174,10 +263,15 @@ def _check_strings(record: dict, keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def _check_chat(report: ValidationReport, number: int, record: dict) -> str | None:
+def _check_chat(report: ValidationReport, number: int, record: dict, max_messages: int | None = None) -> str | None:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         return '"messages" must be a non-empty list'
+    if max_messages is not None and len(messages) > max_messages:
+        return (
+            f"holds {len(messages):,} messages, over the limit of {max_messages:,} per example "
+            "(TUNEQUEUE_MAX_MESSAGES_PER_EXAMPLE); split the conversation into shorter examples"
+        )
     previous = None
     for index, message in enumerate(messages):
         problem = _check_message(index, message)

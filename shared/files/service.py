@@ -1,21 +1,62 @@
-"""Files: uploads streamed to storage with their sha256, checked line by line for the fine-tune purpose."""
+"""Files: uploads streamed to storage with their sha256, checked line by line for the fine-tune purpose.
+
+An upload is read in chunks, each written to a spool file on disk and fed to the line validator as it goes:
+memory holds a chunk and a line, never the file. Uploads in flight at once are bounded per tenant and per
+process (`UploadSlots`), and the tenant's storage quota is checked before anything is stored."""
 
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.datasets.validation import MAX_LINE_BYTES, validate_jsonl
+from shared.checksums import CHUNK
+from shared.datasets.validation import MAX_LINE_BYTES, JsonlValidator
+from shared.errors import RateLimited
 from shared.files.errors import FileNotFound, FileTooLarge, InvalidFile
 from shared.files.models import File
 from shared.ids import new_id, now
+from shared.quotas import check_upload
 from shared.storage import Storage, put_verified
 
 UPLOAD_PURPOSES = ("fine-tune",)
 RESULTS_PURPOSE = "fine-tune-results"
+
+
+class UploadSlots:
+    """How many uploads each tenant has in flight in this process; one over the limit is refused, not queued,
+    so that one tenant's uploads cannot take every request thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, tenant: str, limit: int) -> Iterator[None]:
+        with self._lock:
+            held = self._in_flight.get(tenant, 0)
+            if held >= limit:
+                raise RateLimited(
+                    f"{held} of your uploads are in progress, the most at once (TUNEQUEUE_MAX_CONCURRENT_UPLOADS_"
+                    f"PER_TENANT={limit}); retry when one has finished",
+                    retry_after=5,
+                    param="file",
+                )
+            self._in_flight[tenant] = held + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[tenant] -= 1
+                if not self._in_flight[tenant]:
+                    del self._in_flight[tenant]
+
+
+UPLOADS = UploadSlots()
 
 
 def create_file(
@@ -29,18 +70,21 @@ def create_file(
     max_bytes: int,
     max_lines: int | None = None,
     max_line_bytes: int | None = None,
+    max_messages: int | None = None,
 ) -> File:
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidFile(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, got {purpose!r}", param="purpose")
-    with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as spool:
-        size = _copy_limited(stream, spool, max_bytes)  # type: ignore[arg-type]
+    validator = JsonlValidator(
+        max_line_bytes=max_line_bytes or MAX_LINE_BYTES, max_lines=max_lines, max_messages=max_messages
+    )
+    with tempfile.TemporaryFile() as spool:
+        size = _spool_validated(stream, spool, validator, max_bytes)
         if size == 0:
             raise InvalidFile("the uploaded file is empty", param="file")
-        spool.seek(0)
-        report = validate_jsonl(spool.read(), max_lines=max_lines, max_line_bytes=max_line_bytes or MAX_LINE_BYTES)
+        report = validator.finish()
         if not report.ok:
             raise InvalidFile(f"{filename}: {report.summary()}", param="file")
-        spool.seek(0)
+        check_upload(session, tenant, size)
         file_id = new_id("file")
         key = f"tenants/{tenant}/files/{file_id}/{_safe_name(filename)}"
         sha256 = put_verified(storage, key, spool)  # type: ignore[arg-type]
@@ -60,6 +104,22 @@ def create_file(
     session.add(file)
     session.flush()
     return file
+
+
+def _spool_validated(source: BinaryIO, spool: BinaryIO, validator: JsonlValidator, max_bytes: int) -> int:
+    """Copies `source` to `spool` chunk by chunk, validating the lines as they pass; stops at the size limit
+    or once the validator has read all it will (the line limit). Returns the size."""
+    size = 0
+    while chunk := source.read(CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise FileTooLarge(f"the file is larger than the {max_bytes}-byte limit", param="file")
+        spool.write(chunk)
+        for _ in validator.feed(chunk):
+            pass  # the report counts examples; uploads keep no records
+        if validator.stopped:
+            break
+    return size
 
 
 def create_result_file(
@@ -82,16 +142,6 @@ def create_result_file(
     session.add(file)
     session.flush()
     return file
-
-
-def _copy_limited(source: BinaryIO, target: BinaryIO, max_bytes: int) -> int:
-    size = 0
-    while chunk := source.read(1024 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise FileTooLarge(f"the file is larger than the {max_bytes}-byte limit", param="file")
-        target.write(chunk)
-    return size
 
 
 def clean_filename(filename: str) -> str:

@@ -33,7 +33,7 @@ def claim_job(
         state.RUNNING,
         expect={state.QUEUED},
         fenced_attempt=job.attempt,
-        message=f"Fine-tuning job started (attempt {attempt}, worker {worker})",
+        message=f"Fine-tuning job started (attempt {attempt})",  # the worker is the admins' to see
         attempt=attempt,
         worker=worker,
         started_at=now(),
@@ -198,6 +198,8 @@ def control_flags(session: Session, job_id: str, attempt: int) -> ControlFlags:
 
 
 def pause_job(session: Session, job_id: str, attempt: int, *, step: int, resume_key: str, resume_sha256: str) -> bool:
+    """`resume_key` names the saved state, already recorded as a resumable checkpoint (its bytes count there);
+    retention keeps that object while the job is paused or queued, and collects it once superseded."""
     return state.transition(
         session,
         job_id,
@@ -259,8 +261,10 @@ def record_checkpoint(
     metrics: dict,
     storage_key: str,
     sha256: str,
+    size: int | None = None,
     resumable: bool = False,
 ) -> Checkpoint | None:
+    """`size`: the stored object's bytes, which count in the tenant's storage quota."""
     if not is_current(session, job_id, attempt):
         return None
     checkpoint = Checkpoint(
@@ -271,6 +275,7 @@ def record_checkpoint(
         metrics=metrics,
         storage_key=storage_key,
         sha256=sha256,
+        bytes=size,
         resumable=resumable,
         created_at=now(),
     )
@@ -280,6 +285,7 @@ def record_checkpoint(
 
 
 def succeed_job(session: Session, job_id: str, attempt: int, **values) -> bool:
+    """`values` are the job's delivered fields (`adapter_key`, `adapter_sha256`, `adapter_bytes`, …)."""
     return state.transition(session, job_id, state.SUCCEEDED, expect={state.RUNNING}, fenced_attempt=attempt, **values)
 
 

@@ -4,8 +4,11 @@ safe to run in several places at once because each of its writes is a conditiona
 1. Jobs `running` past their lease (the worker died, froze or lost the database) are requeued for another
    attempt, which resumes from the newest verified checkpoint; after `max_attempts` they fail `worker_lost`.
 2. Jobs `validating_files` or `queued` with no message for them in the broker (the broker lost it, or the
-   API died between commit and publish) are published again. A duplicate message is harmless: the claim
-   lets exactly one attempt through.
+   API died between commit and publish) are published again, unless a worker holds a live validation lease
+   on the job (it is validating right now). A duplicate message is harmless: the claim lets exactly one
+   attempt (or one validation) through.
+3. Checkpoints that retention no longer keeps (`shared.jobs.retention`) are collected, a bounded batch per
+   sweep.
 """
 
 import functools
@@ -19,9 +22,11 @@ from shared.ids import now
 from shared.jobs import execution, state
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job, JobEvent
+from shared.jobs.retention import collect_checkpoints
 from shared.jobs.status import JobStatus
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish, waiting_messages
 from shared.settings import Settings, get_settings
+from shared.storage import get_storage
 
 log = logging.getLogger("tunequeue.sweeper")
 
@@ -31,6 +36,7 @@ class SweepReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    collected_checkpoints: list[str] = field(default_factory=list)
 
 
 def sweep(settings: Settings | None = None) -> SweepReport:
@@ -38,6 +44,7 @@ def sweep(settings: Settings | None = None) -> SweepReport:
     report = SweepReport()
     reap_expired_leases(settings, report)
     republish_lost_messages(settings, report)
+    report.collected_checkpoints = collect_checkpoints(get_storage(), settings.keep_checkpoints)
     return report
 
 
@@ -55,7 +62,8 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
             )
         ).all()
     for job_id, attempt, worker in expired:
-        reason = f"Attempt {attempt} lost: worker {worker} stopped renewing its lease"
+        # Tenants read this in the job's events: which worker (host and pid) is for the operator's log only.
+        reason = f"Attempt {attempt} lost: its worker stopped renewing its lease (worker lost)"
         with session_scope() as session:
             outcome = execution.requeue_job(session, job_id, attempt, reason, max_attempts=settings.max_attempts)
             if outcome == JobStatus.QUEUED:
@@ -65,7 +73,7 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
         elif outcome == JobStatus.FAILED:
             report.failed.append(job_id)
         if outcome:
-            log.warning("%s: %s → %s", job_id, reason, outcome)
+            log.warning("%s: attempt %s: worker %s stopped renewing its lease → %s", job_id, attempt, worker, outcome)
 
 
 def republish(task: str, job_id: str):
@@ -75,11 +83,15 @@ def republish(task: str, job_id: str):
 
 
 def republish_lost_messages(settings: Settings, report: SweepReport) -> None:
-    cutoff = now() - settings.republish_after_seconds
+    timestamp = now()
+    cutoff = timestamp - settings.republish_after_seconds
     with session_scope() as session:
         stale = session.execute(
             select(Job.id, Job.status, Job.updated_at, Job.cancel_requested).where(
-                Job.status.in_((JobStatus.VALIDATING, JobStatus.QUEUED)), Job.updated_at < cutoff
+                Job.status.in_((JobStatus.VALIDATING, JobStatus.QUEUED)),
+                Job.updated_at < cutoff,
+                # a worker is validating it (its lease is live): its message was taken, not lost
+                or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < timestamp),
             )
         ).all()
     if not stale:

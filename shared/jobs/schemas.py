@@ -234,7 +234,9 @@ class JobEventObject(BaseModel):
     @classmethod
     def of(cls, event: JobEvent) -> "JobEventObject":
         return cls(
-            id=f"ftevent-{event.seq}",
+            # Random, not the row's sequence number: an id tells nothing of how many events exist. Every row has
+            # one (the ORM's default; the migration that added the column filled the older rows).
+            id=event.public_id or "",
             created_at=event.created_at,
             level=event.level,
             message=event.message,

@@ -2,10 +2,13 @@
 Services flush; the caller commits. Publishing a task is registered to run after the commit."""
 
 import random
+from dataclasses import dataclass
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from shared import quotas
+from shared.basemodels.models import BaseModelRecord
 from shared.basemodels.service import check_target_modules, get_base_model
 from shared.db import after_commit
 from shared.errors import InvalidRequest, NotFound, RateLimited, Unprocessable
@@ -24,14 +27,26 @@ from shared.storage import Storage
 from shared.workers.service import largest_slot_count
 
 
-def create_job(
+@dataclass(frozen=True)
+class Admission:
+    """What a request that passed every admission check refers to."""
+
+    base: BaseModelRecord
+    training: File
+    validation: File | None
+
+
+def admit_job(
     session: Session,
     tenant: str,
     request: JobCreate,
     max_active: int = 100,
     max_queued: int | None = None,
     max_priority: int = 9,
-) -> Job:
+) -> Admission:
+    """Every check a new job must pass before anything is written: the base model, the key's priority limit,
+    worker capacity, target modules, both files and the tenant's job limits. The create and the dry run both
+    call it, so that a dry run that passes means the create would too. Also the tenant's storage quota."""
     base = get_base_model(session, request.model)
     if request.priority > max_priority:
         raise InvalidRequest(
@@ -42,8 +57,9 @@ def create_job(
     check_capacity(session, request.resources.devices)
     check_target_modules(base, request.lora_target_modules)
     training = training_file(session, tenant, request.training_file, "training_file")
+    validation = None
     if request.validation_file:
-        training_file(session, tenant, request.validation_file, "validation_file")
+        validation = training_file(session, tenant, request.validation_file, "validation_file")
     by_status = _active_by_status(session, tenant)
     active = sum(by_status.values())
     if active >= max_active:
@@ -59,6 +75,19 @@ def create_job(
             "(TUNEQUEUE_MAX_QUEUED_JOBS_PER_TENANT); retry when some have started",
             retry_after=30,
         )
+    quotas.check_room(session, tenant)  # a job stores checkpoints and an adapter: none for a tenant already full
+    return Admission(base, training, validation)
+
+
+def create_job(
+    session: Session,
+    tenant: str,
+    request: JobCreate,
+    max_active: int = 100,
+    max_queued: int | None = None,
+    max_priority: int = 9,
+) -> Job:
+    training = admit_job(session, tenant, request, max_active, max_queued, max_priority).training
     timestamp = now()
     job = Job(
         id=new_id("ftjob"),
@@ -119,12 +148,12 @@ def training_file(session: Session, tenant: str, file_id: str, param: str) -> Fi
     return file
 
 
-def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
+def get_job(session: Session, tenant: str | None, job_id: str, param: str | None = None) -> Job:
     """The tenant's job, or 404 (also for another tenant's: existence is not revealed). None: any tenant,
     for admin routes only."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or (tenant is not None and job.tenant != tenant):
-        raise JobNotFound(job_id)
+        raise JobNotFound(job_id, param=param)
     return job
 
 
@@ -142,8 +171,8 @@ def list_jobs(
         query = query.where(Job.tenant == tenant)
     if status is not None:
         query = query.where(Job.status == status)
-    if after:
-        cursor = get_job(session, tenant, after)
+    if after:  # looked up within the tenant: another tenant's job id is as unknown as a made-up one
+        cursor = get_job(session, tenant, after, param="after")
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
     selected: list[Job] = []
     # JSON containment differs between Postgres and SQLite: the metadata filter runs here, on a stream.
@@ -194,27 +223,41 @@ def resume_job(session: Session, tenant: str, job_id: str) -> Job:
 
 
 def list_events(session: Session, job: Job, *, after: str | None, limit: int) -> list[JobEvent]:
-    """Newest first, as OpenAI returns them; `after` is the id of the last event already seen."""
+    """Newest first, as OpenAI returns them; `after` is the id of the last event already seen. Ids are random
+    (`public_id`); the order is the insertion order (`seq`), which is never shown."""
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after:
-        query = query.where(JobEvent.seq < _event_seq(after))
+        query = query.where(JobEvent.seq < _event_seq(session, job, after))
     return list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit)))
 
 
-def _event_seq(event_id: str) -> int:
-    try:
-        return int(event_id.removeprefix("ftevent-"))
-    except ValueError:
-        raise InvalidRequest(f"after must be an event id like 'ftevent-12', got {event_id!r}", param="after") from None
+def _event_seq(session: Session, job: Job, event_id: str) -> int:
+    """The position of one of this job's events; any other id (another job's, a made-up one) is the same 404."""
+    seq = session.scalars(
+        select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.public_id == event_id)
+    ).first()
+    if seq is None:
+        raise _unknown_cursor("event", event_id, job)
+    return seq
 
 
 def list_checkpoints(session: Session, job: Job, *, after: str | None, limit: int) -> list[Checkpoint]:
+    """Highest step first; `after` is the id of the last checkpoint already seen, looked up within this job."""
     query = select(Checkpoint).where(Checkpoint.job_id == job.id)
     if after:
-        cursor = session.get(Checkpoint, after)
-        if cursor is not None:
-            query = query.where(Checkpoint.step < cursor.step)
-    return list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit)))
+        cursor = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.id == after)).first()
+        if cursor is None:
+            raise _unknown_cursor("checkpoint", after, job)
+        query = query.where(tuple_(Checkpoint.step, Checkpoint.id) < tuple_(cursor.step, cursor.id))
+    return list(session.scalars(query.order_by(Checkpoint.step.desc(), Checkpoint.id.desc()).limit(limit)))
+
+
+def _unknown_cursor(what: str, cursor: str, job: Job) -> NotFound:
+    return NotFound(
+        f"after: job {job.id} has no {what} {cursor!r}; pass the id of the last {what} of the previous page",
+        param="after",
+        code=f"{what}_not_found",
+    )
 
 
 ATTEMPT_LOG = "attempt.log"

@@ -7,6 +7,7 @@ exiting never waits on a slow receiver. What it leaves pending is sent again by 
 (`redispatch_pending`)."""
 
 import heapq
+import itertools
 import logging
 import os
 import queue
@@ -24,7 +25,10 @@ class DeliveryPool:
     def __init__(self, attempt: Attempt, senders: int):
         self._attempt = attempt
         self._ready: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._due: list[tuple[float, str]] = []  # a heap of (time.monotonic() when due, delivery id)
+        # A heap of (time.monotonic() when due, order of scheduling, delivery id): deliveries due at the same
+        # moment leave in the order they were scheduled (`redispatch_pending` interleaves tenants that way).
+        self._due: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
         self._due_changed = threading.Condition()
         for n in range(senders):
             threading.Thread(target=self._send_ready, daemon=True, name=f"tunequeue-webhooks-{n}").start()
@@ -32,6 +36,13 @@ class DeliveryPool:
 
     def submit(self, delivery_id: str) -> None:
         self._ready.put(delivery_id)
+
+    def submit_after(self, delivery_id: str, delay: float) -> None:
+        """Sent by a sender once `delay` seconds have passed; at once when it is not positive."""
+        if delay > 0:
+            self._retry_after(delivery_id, delay)
+        else:
+            self.submit(delivery_id)
 
     def _send_ready(self) -> None:
         while True:
@@ -46,7 +57,7 @@ class DeliveryPool:
 
     def _retry_after(self, delivery_id: str, delay: float) -> None:
         with self._due_changed:
-            heapq.heappush(self._due, (time.monotonic() + delay, delivery_id))
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), delivery_id))
             self._due_changed.notify()
 
     def _release_due(self) -> None:
@@ -54,7 +65,7 @@ class DeliveryPool:
             with self._due_changed:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._due_changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, delivery_id = heapq.heappop(self._due)
+                _, _, delivery_id = heapq.heappop(self._due)
             self.submit(delivery_id)
 
 

@@ -16,7 +16,6 @@ import pytest
 from openai import OpenAI
 from openai.types.webhooks import FineTuningJobSucceededWebhookEvent
 
-from shared.webhooks.service import MAX_ATTEMPTS
 from tests.support import chat, free_port, write_jsonl
 
 
@@ -125,10 +124,18 @@ def submit_job(stack, tmp_path) -> dict:
     return stack.create_job(model="tiny-llama", training_file=stack.upload(data)["id"])
 
 
+MAX_ATTEMPTS = 8
+
+
 def test_failing_endpoint_retried_with_growing_waits_then_given_up(production_env, make_stack, tiny_model, tmp_path):
     base = 0.02  # retries after 0.02, 0.04, … 1.28 s: the whole schedule in under 3 s
     receiver = Receiver(failures=10**9)
-    env = {**production_env, "TUNEQUEUE_WEBHOOK_RETRY_BASE_SECONDS": str(base)}
+    env = {
+        **production_env,
+        "TUNEQUEUE_WEBHOOK_RETRY_BASE_SECONDS": str(base),
+        "TUNEQUEUE_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+        "TUNEQUEUE_WEBHOOK_DISABLE_AFTER_FAILURES": str(MAX_ATTEMPTS + 1),  # given up before the breaker opens
+    }
     stack = make_stack(env, tiny_model, worker=False)  # no worker: the API's delivery is the only one
     endpoint = stack.client.post("/v1/webhooks", json={"url": receiver.url}).json()["id"]
     submit_job(stack, tmp_path)
@@ -157,7 +164,9 @@ def test_failing_endpoint_retried_with_growing_waits_then_given_up(production_en
 
 def test_a_starting_worker_resends_what_a_dead_process_left_pending(production_env, make_stack, tiny_model, tmp_path):
     receiver = Receiver(failures=1)
-    env = {**production_env, "TUNEQUEUE_WEBHOOK_RETRY_BASE_SECONDS": "600"}  # the API's own retry: 10 min away
+    # The API's own retry is due 4 s after the first attempt: it is killed well before, and the worker that
+    # starts next sends it once due (a worker respects each delivery's next attempt time).
+    env = {**production_env, "TUNEQUEUE_WEBHOOK_RETRY_BASE_SECONDS": "4"}
     stack = make_stack(env, tiny_model, worker=False)
     endpoint = stack.client.post("/v1/webhooks", json={"url": receiver.url}).json()["id"]
     submit_job(stack, tmp_path)
@@ -167,11 +176,14 @@ def test_a_starting_worker_resends_what_a_dead_process_left_pending(production_e
     api = stack.processes[0]
     os.killpg(api.pid, signal.SIGKILL)  # dies between two attempts: nothing in it will send this again
     api.wait(timeout=30)
+    first = receiver.times(delivery["id"])[0]
+    assert time.monotonic() - first < 3, "the API was not stopped before its own retry"
     stack.start_worker()
     deadline = time.monotonic() + 90
     while len(receiver.times(delivery["id"])) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(receiver.times(delivery["id"])) == 2, f"not re-sent by the new worker\n{stack.logs()}"
+    assert receiver.times(delivery["id"])[1] - first >= 4, "re-sent before its next attempt was due"
 
     stack.start(worker=False)  # the API again, to read what the worker recorded
     resent = next(d for d in deliveries_of(stack, endpoint) if d["id"] == delivery["id"])

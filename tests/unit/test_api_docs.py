@@ -34,7 +34,7 @@ def test_openapi_declares_the_bearer_scheme_on_keyed_routes(tmp_path, monkeypatc
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
-def test_readiness_says_to_migrate_an_empty_database(tmp_path, monkeypatch):
+def test_readiness_says_to_migrate_an_empty_database(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path))
     for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
         monkeypatch.delenv(key, raising=False)
@@ -44,7 +44,8 @@ def test_readiness_says_to_migrate_an_empty_database(tmp_path, monkeypatch):
     client = TestClient(create_app())
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert "run `tunequeue db upgrade`" in response.json()["checks"]["database"]
+    assert response.json()["checks"]["database"] == "down"  # no key: up or down only
+    assert "run `tunequeue db upgrade`" in caplog.text  # the reason, for the operator
     migrate.upgrade()
     checks = dict.fromkeys(["database", "broker", "storage"], "ok")
     assert client.get("/readyz").json() == {"status": "ok", "checks": checks}

@@ -113,7 +113,7 @@ def test_keys_create_list_revoke(migrated, capsys):
     assert code == 0 and secret.startswith("tq-") and len(out.splitlines()) == 1 and "not shown again" in err
     code, out, _ = run(capsys, "keys", "list")
     header, row = out.splitlines()
-    assert header.split() == ["ID", "TENANT", "ROLE", "PREFIX", "NAME", "CREATED", "(UTC)", "STATE"]
+    assert header.split() == ["ID", "TENANT", "ROLE", "PREFIX", "NAME", "CREATED", "(UTC)", "EXPIRES", "(UTC)", "STATE"]
     key_id = row.split()[0]
     assert row.split()[1:5] == ["acme", "tenant", f"{secret[:len(row.split()[3]) - 1]}…", "ci"]
     assert row.split()[-1] == "active" and secret not in out

@@ -320,6 +320,8 @@ with TestClient(app) as client:
     response = client.get("/readyz")
     assert response.status_code == 200, response.text
 print("ready", response.json())
+for command in (["models", "import-demo"], ["worker"]):  # the worker's commands refuse, saying where to run them
+    assert main(command) == 1, command
 """
     # embedded defaults in tmp_path; the network guard's log stays, so that the child is guarded too
     env = {key: value for key, value in os.environ.items() if not key.startswith("TUNEQUEUE_")}
@@ -327,3 +329,4 @@ print("ready", response.json())
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ready" in result.stdout
+    assert result.stderr.count("needs the worker's libraries (torch)") == 2, result.stderr[-3000:]

@@ -16,7 +16,7 @@ HOOKS = f"http://127.0.0.1:{free_port()}/hooks"
 def world(tmp_path, monkeypatch, tiny_model):
     """Tenant A with one of everything (a file, a validating job, a succeeded job with an adapter, checkpoint
     and fine-tuned model, a webhook endpoint); tenant B with nothing; an admin of tenant `ops`."""
-    embedded_in_process(monkeypatch, tmp_path / "data", tiny_model)
+    embedded_in_process(monkeypatch, tmp_path / "data", tiny_model, webhook_allowed_networks="127.0.0.0/8")
     from api.app import create_app
     from shared.auth.service import create_key
     from shared.db import session_scope

@@ -6,17 +6,27 @@ import sys
 from pathlib import Path
 
 from shared.basemodels.demo import DEMO_MODEL_ID, demo_gguf_path
-from shared.basemodels.service import describe_folder, list_base_models, register_base_model
+from shared.basemodels.service import (
+    check_model_id,
+    describe_folder,
+    list_base_models,
+    model_folder,
+    register_base_model,
+)
 from shared.db import session_scope
 from shared.settings import get_settings
 from shared.storage import get_storage
-from tunequeue.console import Refused, require_current_schema, table
+from tunequeue.console import Refused, require_current_schema, require_training_libraries, table
 
 
 def run_models(args) -> int:
     require_current_schema()
     if args.action == "list":
         return list_models()
+    if args.action in ("import-hf", "import-gguf"):
+        check_model_id(args.name)  # before any work: the name becomes a folder and a storage prefix
+    if args.action in ("import-gguf", "import-demo"):
+        require_training_libraries(f"models {args.action}")  # the conversion runs on torch
     if args.action == "import-hf":
         return register_folder(args.path, args.name, source=str(args.path.resolve()))
     if args.action == "import-demo":
@@ -39,7 +49,7 @@ def list_models() -> int:
 
 
 def import_model(gguf: Path, model_id: str) -> int:
-    target = get_settings().resolved_model_dir / model_id
+    target = model_folder(get_settings().resolved_model_dir, model_id)  # the converter empties it first
     print(f"Importing {gguf.name} as {model_id!r}: dequantising to bf16 safetensors (about a minute)", flush=True)
     command = [sys.executable, "-m", "worker.training.gguf_import", str(gguf), str(target)]
     if subprocess.run(command).returncode != 0:

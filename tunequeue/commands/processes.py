@@ -7,7 +7,7 @@ import sys
 
 from shared import migrate
 from shared.settings import get_settings
-from tunequeue.console import Refused, require_current_schema
+from tunequeue.console import Refused, require_current_schema, require_training_libraries
 
 
 def run_serve(args) -> int:
@@ -64,6 +64,7 @@ def worker_command(slots: int = 1, loglevel: str = "INFO") -> list[str]:
 def run_worker(args) -> int:
     from worker.slots import ENV, Slots, detect
 
+    require_training_libraries("worker")
     if args.cpu_slots is not None and args.cpu_slots < 1:
         raise Refused("--cpu-slots must be at least 1")
     if args.devices:
@@ -103,12 +104,20 @@ def hint_if_no_models() -> None:
 
 
 def first_key() -> None:
-    """A fresh install has no key, and every route needs one: make the first (admin, tenant `default`)."""
+    """A fresh install has no key, and every route needs one: make the first (admin, tenant `default`). Only
+    then: once any key was ever made, a missing working key is the operator's call (they revoked it, or let it
+    expire), and a key printed to whoever reads this terminal would undo it."""
     from shared.auth import service
     from shared.db import session_scope
 
     with session_scope() as session:
         if service.has_active_keys(session):
+            return
+        if service.has_any_keys(session):
+            print(
+                "No API key is active (all are revoked or expired), so every request gets 401. Make one with "
+                "`tunequeue keys create --tenant default --admin`."
+            )
             return
         _, secret = service.create_key(session, "default", admin=True, name="created by tunequeue dev")
     print(f"No API key existed; created an admin key for tenant 'default' (shown once):\n\n    {secret}\n")
@@ -124,6 +133,7 @@ def run_sweep(args) -> int:
     report = sweep()
     print(f"requeued: {report.requeued or '-'}\nfailed (worker_lost): {report.failed or '-'}")
     print(f"republished: {report.republished or '-'}")
+    print(f"checkpoints collected: {len(report.collected_checkpoints)}")
     return 0
 
 

@@ -83,11 +83,14 @@ class JobRunner:
                 try:
                     config = self.prepare(workdir)
                 except StorageError as exc:
+                    # The tenant reads the reason in the job's events: the storage's own error (endpoint,
+                    # bucket) is for the log.
+                    log.warning("%s attempt %s: fetching its inputs failed: %s", self.job_id, self.attempt, exc)
                     raise RetryAttempt(
-                        f"Attempt {self.attempt} could not fetch its inputs: {exc}", "storage_error"
+                        f"Attempt {self.attempt} could not fetch its inputs: storage unavailable", "storage_error"
                     ) from exc
                 if SHUTDOWN.is_set():
-                    raise RetryAttempt(f"Worker {self.worker} is shutting down")
+                    raise RetryAttempt("Its worker is shutting down")
                 returncode = self.run_recipe(config, workdir / "out")
                 self.finish(returncode)
         except (OSError, StorageError, RetryAttempt) as exc:
@@ -95,8 +98,8 @@ class JobRunner:
             # its disk full: the node's fault, not the job's, whichever wrapper it reached us in.
             if not is_disk_full(exc) or getattr(exc, "code", None) == "disk_full":
                 raise
-            message = str(exc) if isinstance(exc, RetryAttempt) else f"Attempt {self.attempt}: {exc}"
-            raise RetryAttempt(f"{message} (the disk of worker {self.worker} is full)", "disk_full") from exc
+            log.warning("%s attempt %s: worker %s: disk full: %s", self.job_id, self.attempt, self.worker, exc)
+            raise RetryAttempt(f"Attempt {self.attempt}: no space left on its worker's disk", "disk_full") from exc
         finally:
             self.lease.stop()
 
@@ -186,7 +189,8 @@ class JobRunner:
         except Exception as exc:
             log.exception("could not record event %s of %s", event.event, self.job_id)
             if is_disk_full(exc):  # a checkpoint this worker could not write: the node's fault, requeue
-                message = f"could not save the checkpoint at step {getattr(event, 'step', None)}: {exc}"
+                step = getattr(event, "step", None)
+                message = f"could not save the checkpoint at step {step}: no space left on the worker's disk"
                 self.errors.insert(0, {"code": "disk_full", "message": message, "retryable": True})
                 self.stop_recipe()
 
@@ -242,7 +246,7 @@ class JobRunner:
     def save_paused_state(self, paused: PausedEvent) -> None:
         step, key, sha256 = self.promotion.saved_state(paused, self.metrics_rows, "saved-at-step")
         if self.draining:
-            raise RetryAttempt(f"Worker {self.worker} shut down; its state at step {step} is saved")
+            raise RetryAttempt(f"Its worker shut down; its state at step {step} is saved")
         if sha256 is not None:
             retrying(
                 lambda session: execution.pause_job(

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -29,6 +30,15 @@ ADAPTER_METRICS = (
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
 )
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object written and read back: what its DB row records (the size counts in the tenant's quota)."""
+
+    key: str
+    sha256: str
+    size: int
 
 
 class Promotion:
@@ -65,6 +75,7 @@ class Promotion:
                     metrics=metrics,
                     storage_key=key,
                     sha256=sha256,
+                    size=len(data),
                     resumable=True,
                 )
                 is not None
@@ -79,20 +90,21 @@ class Promotion:
     def adapter(self, done: DoneEvent, metrics_rows: list[dict]) -> None:
         """Upload the adapter, verify the stored bytes, then succeed the job in one fenced transaction. If
         another attempt owns the job by then, the upload is deleted: one adapter."""
-        key = f"{self.prefix}/adapter.zip"
-        sha256 = put_verified(self.storage, key, zip_folder(Path(done.adapter)), self.tries)
+        key, data = f"{self.prefix}/adapter.zip", zip_folder(Path(done.adapter))
+        sha256 = put_verified(self.storage, key, data, self.tries)
+        stored = StoredObject(key, sha256, len(data))
         results_csv = metrics_csv(metrics_rows)
         if not retrying(
-            lambda session: self._succeed(session, done, key, sha256, results_csv),
+            lambda session: self._succeed(session, done, stored, results_csv),
             f"promoting the adapter of {self.job_id}",
         ):
             log.warning("attempt %d of %s is stale; its adapter is discarded", self.attempt, self.job_id)
             self.discard(key)
 
-    def _succeed(self, session: Session, done: DoneEvent, key: str, sha256: str, results_csv: bytes) -> bool:
+    def _succeed(self, session: Session, done: DoneEvent, adapter: StoredObject, results_csv: bytes) -> bool:
         job = session.get(Job, self.job_id, populate_existing=True)
         assert job is not None
-        if job.status == state.SUCCEEDED and job.adapter_key == key:
+        if job.status == state.SUCCEEDED and job.adapter_key == adapter.key:
             return True  # an earlier try committed but its reply was lost
         if not execution.is_current(session, self.job_id, self.attempt):
             return False
@@ -104,8 +116,9 @@ class Promotion:
             self.attempt,
             step=final["step"],
             metrics={k: final[k] for k in ADAPTER_METRICS if final.get(k) is not None},
-            storage_key=key,
-            sha256=sha256,
+            storage_key=adapter.key,
+            sha256=adapter.sha256,
+            size=adapter.size,
         )
         results = create_result_file(
             session,
@@ -122,8 +135,9 @@ class Promotion:
             self.attempt,
             fine_tuned_model=name,
             trained_tokens=done.trained_tokens,
-            adapter_key=key,
-            adapter_sha256=sha256,
+            adapter_key=adapter.key,
+            adapter_sha256=adapter.sha256,
+            adapter_bytes=adapter.size,
             result_files=[results.id],
             message=f"The job has successfully completed: {name}",
         )

@@ -1,6 +1,7 @@
 """The state an attempt resumes from: the newest checkpoint whose stored bytes are the ones recorded."""
 
 import json
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from shared.jobs import execution
 from shared.storage import ChecksumMismatch, ObjectNotFound, Storage, download_verified
 from worker.runner.inputs import ResumeCandidate
 from worker.runner.journal import AttemptJournal
+
+log = logging.getLogger("tunequeue.worker")
 
 
 @dataclass
@@ -32,9 +35,8 @@ def fetch_resume_state(
             tried.append(f"step {checkpoint.step}")
             reason = "is missing" if isinstance(exc, ObjectNotFound) else "failed verification"
             mark_unusable(journal, checkpoint)
-            journal.event(
-                f"The checkpoint at step {checkpoint.step} {reason} ({exc}); it is marked unusable", level="warning"
-            )
+            log.warning("%s: checkpoint %s %s: %s", journal.job_id, checkpoint.id, reason, exc)
+            journal.event(f"The checkpoint at step {checkpoint.step} {reason}; it is marked unusable", level="warning")
             continue
         folder = workdir / "resume"
         zipfile.ZipFile(archive).extractall(folder)
