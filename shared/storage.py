@@ -4,6 +4,7 @@ Keys are '/'-separated paths built by the server, never by the user."""
 import io
 import logging
 import os
+import re
 import shutil
 import threading
 from abc import ABC, abstractmethod
@@ -23,7 +24,18 @@ log = logging.getLogger("tunequeue.storage")
 
 
 class StorageError(Exception):
-    pass
+    """`str()` is for logs (it may name the endpoint, the bucket, the full key); `public` is what a tenant may
+    read: what was being done, the object named by its file name only."""
+
+    def __init__(self, message: str, *, action: str | None = None):
+        super().__init__(message)
+        self.action = action
+
+    @property
+    def public(self) -> str:
+        if not self.action:
+            return "storage unavailable"
+        return "storage unavailable while " + re.sub(r"\S*/(\S+)", r"\1", self.action)
 
 
 class ObjectNotFound(StorageError):
@@ -106,7 +118,7 @@ def with_retries(action: Callable[[], T], what: str, tries: int = 5, base_delay:
     except ObjectNotFound:
         raise
     except Exception as exc:
-        raise StorageError(f"{what} failed after {tries} tries: {type(exc).__name__}: {exc}") from exc
+        raise StorageError(f"{what} failed after {tries} tries: {type(exc).__name__}: {exc}", action=what) from exc
 
 
 def put_verified(storage: "Storage", key: str, data: bytes | BinaryIO, tries: int = 5) -> str:

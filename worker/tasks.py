@@ -68,7 +68,7 @@ def validate(job_id: str) -> None:
     except Exception as exc:  # a broken tokenizer or template is reported, not left validating
         log.exception("validation of %s failed", job_id)
         # A tokenizer's or template's own words help the user; a storage error's (bucket, endpoint) are the admins'.
-        reason = "storage unavailable" if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
+        reason = exc.public if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
         _fail_validation(job_id, "validation_error", reason, None)
         return
     with session_scope() as session:
@@ -192,9 +192,9 @@ def run_attempt(job_id: str, attempt: int, lease: Lease) -> None:
         _fail(job_id, attempt, exc.code, str(exc), exc.param)
     except RetryAttempt as exc:
         _requeue(job_id, attempt, str(exc), exc.code)
-    except StorageError:
-        log.exception("job %s: storage failed", job_id)
-        _requeue(job_id, attempt, f"Attempt {attempt}: storage unavailable", "storage_error")  # details: the log
+    except StorageError as exc:
+        log.exception("job %s: storage failed", job_id)  # the details (endpoint, bucket, key) stay in the log
+        _requeue(job_id, attempt, f"Attempt {attempt}: {exc.public}", "storage_error")
     except BaseException as exc:  # never leave a job in `running`
         log.exception("job %s failed", job_id)
         _requeue(job_id, attempt, f"Attempt {attempt}: internal error on its worker", "internal_error")

@@ -85,7 +85,10 @@ def allowed_networks(setting: str) -> tuple[Network, ...]:
 
 def check_url(url: str) -> None:
     """At creation: a URL whose host is an address is checked now; a name is checked whenever it is resolved."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed "[" around an IPv6 host
+        raise DestinationRefused(f"it is not a valid URL ({exc})") from None
     try:
         _ = parts.port  # parsed on access
     except ValueError:

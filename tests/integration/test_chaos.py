@@ -522,7 +522,9 @@ def test_storage_that_keeps_failing_fails_the_job_clearly(
         finally:
             proxy.close()
         assert job["status"] == "failed" and job["error"]["code"] == "storage_error", job["error"]
-        assert "adapter.zip" in job["error"]["message"] and "giving up after 2 attempt(s)" in job["error"]["message"]
+        message = job["error"]["message"]
+        assert "storage unavailable while uploading adapter.zip" in message and "giving up after 2 attempt(s)" in message
+        assert "tenants/" not in message and "127.0.0.1" not in message  # no key path, no endpoint: those are logged
         assert job["fine_tuned_model"] is None
         check_invariants(inspector, [job_id])
         figures["outcome"] = "failed storage_error after 2 attempts"

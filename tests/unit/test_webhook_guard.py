@@ -79,6 +79,17 @@ def test_endpoints_on_internal_addresses_are_refused_at_creation_naming_url(guar
     assert refused.value.param == "url" and "TUNEQUEUE_WEBHOOK_ALLOWED_NETWORKS" in refused.value.message
 
 
+@pytest.mark.parametrize("url", ["http://[::1/", "http://[fe80::1%25eth0/", "http://host:99999/", "http:///path"])
+def test_malformed_urls_are_a_400_naming_url(guarded, url):
+    from shared.db import session_scope
+    from shared.errors import InvalidRequest
+    from shared.webhooks.service import create_endpoint
+
+    with pytest.raises(InvalidRequest) as refused, session_scope() as session:
+        create_endpoint(session, "tenant-a", url)
+    assert refused.value.param == "url"
+
+
 def test_internal_destinations_are_refused_at_send_time_without_a_packet(guarded, monkeypatch):
     from shared.webhooks.service import attempt_delivery
 

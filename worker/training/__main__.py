@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         if is_disk_full(exc, args.out):
             # The node's fault, not the job's: the worker requeues the attempt instead of failing the job.
-            message = f"no space left on the worker's disk under {args.out} ({type(exc).__name__}: {exc})"
+            # The folder and the error's text are in the attempt's log (printed above), not in the job's events.
+            message = "no space left on its worker's disk"
             reporter.event("error", code="disk_full", message=message, retryable=True)
             return FAILED_EXIT_CODE
         code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
