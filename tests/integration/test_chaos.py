@@ -523,7 +523,8 @@ def test_storage_that_keeps_failing_fails_the_job_clearly(
             proxy.close()
         assert job["status"] == "failed" and job["error"]["code"] == "storage_error", job["error"]
         message = job["error"]["message"]
-        assert "storage unavailable while uploading adapter.zip" in message and "giving up after 2 attempt(s)" in message
+        assert "storage unavailable while uploading adapter.zip" in message
+        assert "giving up after 2 attempt(s)" in message
         assert "tenants/" not in message and "127.0.0.1" not in message  # no key path, no endpoint: those are logged
         assert job["fine_tuned_model"] is None
         check_invariants(inspector, [job_id])
