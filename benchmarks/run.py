@@ -2,6 +2,8 @@
 
 1. Quantisation: NF4 + LoRA against the same recipe on the unquantised bf16 base (sample data).
 2. Packing: on against off, NF4, on conversations of mixed length (1 to 8 exchanges).
+3. Chat tokenization (validation, dry runs, the recipe's data): one render per conversation against rendering
+   every prefix again for each assistant turn, on one conversation of 100 to 1,600 messages.
 
 Each variant runs `python -m worker.training` in its own process for the same steps; tokens/s counts real
 (non-padding) tokens, median over the steps after the first; memory is the recipe process's peak RSS (CPU)
@@ -77,6 +79,32 @@ def run_variant(model: Path, lines: list[str], batch_size: int, **options) -> di
     }
 
 
+def tokenization_rows(model: Path, sizes: tuple[int, ...] = (100, 400, 1600)) -> list[dict]:
+    """Seconds to encode one conversation of n messages, best of 3, with the one-render method and with the
+    prefix-by-prefix method it replaced (still the fallback for templates that rewrite contents)."""
+    from shared.datasets.tokenization import ChatTokenizer
+    from shared.datasets.validation import CHAT
+
+    class PrefixByPrefix(ChatTokenizer):
+        def _spans_in_one_render(self, messages, text, trained):
+            return None
+
+    rows = []
+    for n in sizes:
+        record = {"messages": [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(n)]}
+        row: dict = {"messages": n}
+        for name, tokenizer in (("one_render", ChatTokenizer(model)), ("per_prefix", PrefixByPrefix(model))):
+            timings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                encoded = tokenizer.encode(record, CHAT, 1 << 22)
+                timings.append(time.perf_counter() - started)
+            row[name], row[f"{name}_labels"] = min(timings), encoded.labels
+        assert row["one_render_labels"] == row["per_prefix_labels"], f"loss masks differ at {n} messages"
+        rows.append(row)
+    return rows
+
+
 def table(title: str, rows: list[dict], key: str) -> None:
     print(f"{title}\n")
     print(f"| {key} | steps | tokens/s (median) | wall s | peak RSS MiB | final loss |")
@@ -94,6 +122,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     model = base_model()
+    print("Chat tokenization: one render against prefix by prefix (one conversation, best of 3)\n")
+    print("| messages | one render s | µs/message | prefix by prefix s | µs/message | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in tokenization_rows(model):
+        n, one, per = r["messages"], r["one_render"], r["per_prefix"]
+        print(f"| {n} | {one:.3f} | {one / n * 1e6:.0f} | {per:.3f} | {per / n * 1e6:.0f} | {per / one:.1f}x |")
+    print("\n(identical loss masks at every size)\n")
     lines = sample_lines(args.examples)
     nf4, peer = (run_variant(model, lines, args.batch_size, quantization=q) for q in ("nf4", "none"))
     table("Quantisation: NF4 + LoRA against bf16 + LoRA (sample data)", [nf4, peer], "quantization")
