@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--migrate", action="store_true", help="apply pending database migrations first")
+    serve.add_argument("--workers", type=int, default=1, help="API processes sharing the port (about one per CPU core)")
 
     worker = command("worker", "run a training worker")
     slots = worker.add_mutually_exclusive_group()

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy.orm import Session
 
-from api.deps import After, DbSession, StorageDep
+from api.deps import After, DbSession, ReadSession, StorageDep
 from api.docs import streamed
 from api.errors import declare
 from shared import quotas
@@ -105,7 +105,7 @@ def tenants(session: DbSession):
 
 @router.get("/jobs", response_model=Page[TenantJob])
 def list_all_jobs(
-    session: DbSession,
+    session: ReadSession,
     tenant: str | None = Query(None, pattern=TENANT_NAME),
     status: JobStatus | None = None,
     after: After = None,

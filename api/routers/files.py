@@ -3,7 +3,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Header, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api.deps import After, DbSession, SettingsDep, StorageDep, Tenant
+from api.deps import After, DbSession, ReadSession, SettingsDep, StorageDep, Tenant
 from api.docs import streamed
 from api.downloads import content_disposition
 from api.errors import declare
@@ -64,7 +64,7 @@ def upload_sha256(file: UploadFile) -> str:
 
 @router.get("", response_model=Page[FileObject])
 def list_files(
-    session: DbSession,
+    session: ReadSession,
     tenant: Tenant,
     purpose: str | None = None,
     after: After = None,
@@ -76,7 +76,7 @@ def list_files(
 
 
 @router.get("/{file_id}", response_model=FileObject)
-def retrieve_file(session: DbSession, tenant: Tenant, file_id: str):
+def retrieve_file(session: ReadSession, tenant: Tenant, file_id: str):
     return FileObject.of(service.get_file(session, tenant, file_id))
 
 

@@ -5,10 +5,11 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import After, Caller, DbSession, SettingsDep, StorageDep, Tenant
+from api.deps import After, Caller, DbSession, ReadSession, SettingsDep, StorageDep, Tenant
 from api.docs import streamed
 from api.downloads import content_disposition
 from api.errors import ErrorResponse, declare
+from api.responses import rendered
 from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service
@@ -56,10 +57,10 @@ async def create_job(
 
 @router.get("", response_model=Page[FineTuningJob])
 def list_jobs(
-    session: DbSession, tenant: Tenant, http: Request, after: After = None, limit: int = Query(20, ge=1, le=100)
+    session: ReadSession, tenant: Tenant, http: Request, after: After = None, limit: int = Query(20, ge=1, le=100)
 ):
     jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
-    return Page[FineTuningJob].of(jobs, limit, FineTuningJob.of)
+    return rendered(Page[FineTuningJob].of(jobs, limit, FineTuningJob.of))
 
 
 def _metadata_filter(http: Request) -> dict[str, str] | None:
@@ -85,8 +86,8 @@ def _metadata_object(raw: str) -> dict[str, str]:
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
-def retrieve_job(session: DbSession, tenant: Tenant, job_id: str):
-    return FineTuningJob.of(service.get_job(session, tenant, job_id))
+def retrieve_job(session: ReadSession, tenant: Tenant, job_id: str):
+    return rendered(FineTuningJob.of(service.get_job(session, tenant, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
@@ -106,16 +107,16 @@ def resume_job(session: DbSession, tenant: Tenant, job_id: str):
 
 @router.get("/{job_id}/events", response_model=Page[JobEventObject])
 def list_events(
-    session: DbSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)
+    session: ReadSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)
 ):
     job = service.get_job(session, tenant, job_id)
     events = service.list_events(session, job, after=after, limit=limit + 1)
-    return Page[JobEventObject].of(events, limit, JobEventObject.of)
+    return rendered(Page[JobEventObject].of(events, limit, JobEventObject.of))
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointObject])
 def list_checkpoints(
-    session: DbSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(10, ge=1, le=100)
+    session: ReadSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(10, ge=1, le=100)
 ):
     job = service.get_job(session, tenant, job_id)
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)

@@ -3,7 +3,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from api.deps import DbSession, StorageDep, Tenant
+from api.deps import DbSession, ReadSession, StorageDep, Tenant
 from shared.catalog import service
 from shared.pagination import Page
 
@@ -18,12 +18,12 @@ class ModelObject(BaseModel):
 
 
 @router.get("", response_model=Page[ModelObject])
-def list_models(session: DbSession, tenant: Tenant):
+def list_models(session: ReadSession, tenant: Tenant):
     return Page[ModelObject].whole([ModelObject(**m) for m in service.list_models(session, tenant)])
 
 
 @router.get("/{model_id:path}")
-def retrieve_model(session: DbSession, tenant: Tenant, model_id: str):
+def retrieve_model(session: ReadSession, tenant: Tenant, model_id: str):
     return service.get_model(session, tenant, model_id)
 
 

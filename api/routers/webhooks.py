@@ -5,7 +5,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import DbSession, Tenant
+from api.deps import DbSession, ReadSession, Tenant
 from api.errors import declare
 from shared.pagination import Page
 from shared.webhooks import service
@@ -67,13 +67,13 @@ def create_endpoint(session: DbSession, tenant: Tenant, request: EndpointCreate)
 
 
 @router.get("", response_model=Page[EndpointObject])
-def list_endpoints(session: DbSession, tenant: Tenant):
+def list_endpoints(session: ReadSession, tenant: Tenant):
     endpoints = service.list_endpoints(session, tenant)
     return Page[EndpointObject].whole([EndpointObject.model_validate(e) for e in endpoints])
 
 
 @router.get("/{endpoint_id}", response_model=EndpointObject)
-def get_endpoint(session: DbSession, tenant: Tenant, endpoint_id: str):
+def get_endpoint(session: ReadSession, tenant: Tenant, endpoint_id: str):
     return EndpointObject.model_validate(service.get_endpoint(session, tenant, endpoint_id))
 
 
@@ -90,7 +90,7 @@ def delete_endpoint(session: DbSession, tenant: Tenant, endpoint_id: str):
 
 
 @router.get("/{endpoint_id}/deliveries", response_model=Page[DeliveryObject])
-def list_deliveries(session: DbSession, tenant: Tenant, endpoint_id: str):
+def list_deliveries(session: ReadSession, tenant: Tenant, endpoint_id: str):
     endpoint = service.get_endpoint(session, tenant, endpoint_id)
     deliveries = service.list_deliveries(session, endpoint)
     return Page[DeliveryObject].whole([DeliveryObject.model_validate(d) for d in deliveries])

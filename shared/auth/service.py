@@ -1,5 +1,6 @@
-"""API keys: created with their secret shown once, stored as a hash, checked on every request (so a revoked
-or expired key stops working on the very next request), each bound to one tenant, some with the admin role."""
+"""API keys: created with their secret shown once, stored as a hash, checked on every request, each bound to
+one tenant, some with the admin role. An expired key stops working at its expiry; a revoked one on the next
+request, or within TUNEQUEUE_API_KEY_CACHE_SECONDS where another API process had verified it (`cache.py`)."""
 
 import hashlib
 import re
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from shared.auth.cache import VerifiedKeys
 from shared.auth.models import ApiKey
 from shared.errors import InvalidRequest, NotFound, Unauthenticated
 from shared.ids import new_id, now
@@ -69,11 +71,22 @@ def create_key(
     return key, secret
 
 
-def authenticate(session: Session, secret: str) -> Principal | None:
+VERIFIED: VerifiedKeys[Principal] = VerifiedKeys()
+
+
+def recently_verified(secret: str, seconds: float) -> Principal | None:
+    """The caller of a key verified within the last `seconds` by this process, if it has not expired since;
+    None: read the key (`authenticate`)."""
+    return VERIFIED.get(hash_secret(secret)) if seconds > 0 else None
+
+
+def authenticate(session: Session, secret: str, remember_seconds: float = 0) -> Principal | None:
     """The caller of this secret; None for an unknown or revoked key. An expired key raises 401 saying so: its
-    holder has nothing to fix but the key, and learns which."""
+    holder has nothing to fix but the key, and learns which. A working key is remembered for
+    `remember_seconds` (`recently_verified`)."""
     # The lookup is by the hash of what was sent: no stored secret to compare, no timing to leak.
-    key = session.scalars(select(ApiKey).where(ApiKey.secret_sha256 == hash_secret(secret))).first()
+    digest = hash_secret(secret)
+    key = session.scalars(select(ApiKey).where(ApiKey.secret_sha256 == digest)).first()
     if key is None or key.revoked_at is not None:
         return None
     if is_expired(key):
@@ -82,7 +95,9 @@ def authenticate(session: Session, secret: str) -> Principal | None:
             "ask an admin for a new key (`tunequeue keys create --tenant NAME`)",
             code="api_key_expired",
         )
-    return Principal(key_id=key.id, tenant=key.tenant, admin=key.admin)
+    principal = Principal(key_id=key.id, tenant=key.tenant, admin=key.admin)
+    VERIFIED.put(digest, principal, key.id, key.expires_at, remember_seconds)
+    return principal
 
 
 def is_expired(key: ApiKey, at: int | None = None) -> bool:
@@ -112,6 +127,7 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = now()
         session.flush()
+    VERIFIED.forget(key.id)  # this process refuses it from the next request; others within their cache TTL
     return key
 
 

@@ -5,7 +5,7 @@ adapter, and the checkpoints, saved states and attempt logs that hold the same w
 The job's result file (purpose `fine-tune-results`, its metrics as CSV) stays: it is one of the tenant's Files,
 listed and deleted under /v1/files like any other, and it holds no weights."""
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, Row, and_, delete, select
 from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
@@ -22,8 +22,8 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
-def _tuned(session: Session, tenant: str):
-    return select(Job).where(
+def _is_tuned_model_of(tenant: str) -> ColumnElement[bool]:
+    return and_(
         Job.tenant == tenant,
         Job.status == state.SUCCEEDED,
         Job.fine_tuned_model.is_not(None),
@@ -31,9 +31,17 @@ def _tuned(session: Session, tenant: str):
     )
 
 
+def _tuned(session: Session, tenant: str):
+    return select(Job).where(_is_tuned_model_of(tenant))
+
+
 def list_models(session: Session, tenant: str) -> list[dict]:
+    """Whole, as OpenAI's model list is (no pages): each fine-tuned model costs four columns of its job, not
+    the job's row with its JSON."""
     models = [_base(m) for m in list_base_models(session)]
-    models += [_fine_tuned(j) for j in session.scalars(_tuned(session, tenant).order_by(Job.finished_at))]
+    columns = select(Job.fine_tuned_model, Job.finished_at, Job.created_at, Job.tenant)
+    columns = columns.where(_is_tuned_model_of(tenant))
+    models += [_fine_tuned(row) for row in session.execute(columns.order_by(Job.finished_at))]
     return models
 
 
@@ -76,7 +84,7 @@ def _base(record: BaseModelRecord) -> dict:
     return {"id": record.id, "object": "model", "created": record.created_at, "owned_by": "tunequeue"}
 
 
-def _fine_tuned(job: Job) -> dict:
+def _fine_tuned(job: Job | Row) -> dict:
     return {
         "id": job.fine_tuned_model,
         "object": "model",

@@ -1,4 +1,4 @@
-from sqlalchemy import JSON, BigInteger, Boolean, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
@@ -6,6 +6,7 @@ from shared.db import Base
 
 class File(Base):
     __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_created_id", "tenant", "created_at", "id"),)  # lists by keyset
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")

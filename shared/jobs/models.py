@@ -10,7 +10,15 @@ class Job(Base):
     """The job row is the source of truth; every state write goes through `shared.jobs.state`."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created_at"),)
+    __table_args__ = (
+        # Job lists: a tenant's newest first, by keyset on (created_at, id); the admin's, across tenants.
+        Index("ix_jobs_tenant_created_id", "tenant", "created_at", "id"),
+        Index("ix_jobs_created_id", "created_at", "id"),
+        # The metadata filter on Postgres (JSONB containment); SQLite reads each job's metadata instead.
+        Index("ix_jobs_user_metadata", text("(CAST(user_metadata AS JSONB))"), postgresql_using="gin").ddl_if(
+            dialect="postgresql"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), default="default")

@@ -24,7 +24,10 @@ class WebhookDelivery(Base):
     sent after commit, retried with backoff; every attempt is recorded here."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_status", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),  # an endpoint's list
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # also the webhook-id header
     endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))

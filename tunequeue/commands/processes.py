@@ -17,7 +17,7 @@ def run_serve(args) -> int:
         migrate.upgrade()
     require_current_schema()
     describe_deployment()
-    uvicorn.run("api.app:app", host=args.host, port=args.port, log_level="info")
+    uvicorn.run("api.app:app", host=args.host, port=args.port, log_level="info", workers=getattr(args, "workers", 1))
     return 0
 
 
