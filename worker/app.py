@@ -15,6 +15,7 @@ from shared.settings import get_settings
 from shared.webhooks.service import record_job_transition, redispatch_pending
 from shared.workers import service as workers
 from worker import runner, tasks
+from worker.runner import warm
 
 app = tasks.app
 state.after_transition(record_job_transition)  # the worker's transitions reach webhooks too
@@ -68,6 +69,7 @@ def _start_heartbeat(sender=None, **_):
     hostname = tasks.worker_name()  # the name its jobs' leases carry
     threading.Thread(target=_heartbeat_loop, args=(hostname,), daemon=True, name="tunequeue-heartbeat").start()
     threading.Thread(target=_sweep_loop, daemon=True, name="tunequeue-sweeper").start()
+    warm.start_warm_runtimes(get_settings(), tasks.get_slots())
 
 
 @signals.worker_shutting_down.connect
@@ -76,8 +78,10 @@ def _drain(sig=None, how=None, **_):
     Celery waits for the tasks to return, which they do once their checkpoint is stored."""
     log.warning("worker shutting down (%s, %s): checkpointing and requeueing running jobs", sig, how)
     runner.SHUTDOWN.set()
+    warm.stop_warm_runtimes()  # no job will take them now
 
 
 @signals.worker_shutdown.connect
 def _stop_heartbeat(**_):
     _stop.set()
+    warm.stop_warm_runtimes()

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 from sqlalchemy import select
@@ -151,25 +152,54 @@ def ensure_local_copy(
     record: BaseModelRecord, storage: Storage, model_dir: Path, only: tuple[str, ...] | None = None
 ) -> Path:
     """Return a local folder holding the recorded files (or `only` those of them), downloading what is
-    missing or stale; everything is checked against its sha256."""
+    missing or stale; everything is checked against its sha256. A file verified before and unchanged since
+    (same size and modification time as when it was hashed) is not hashed again: a 259 MB base would
+    otherwise cost every attempt a full read."""
     folder = model_folder(model_dir, record.id)
-    marker = folder / _VERIFIED_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == record.files:
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
+    verified = _read_marker(folder)
     wanted = {k: v for k, v in record.files.items() if only is None or k in only}
     for name, expected in wanted.items():
         path = folder / name
-        if path.is_file() and sha256_file(path) == expected:
+        current = _fingerprint(path, expected)
+        if current is not None and verified.get(name) == current:
             continue
-        actual = storage.download(f"{record.storage_prefix}/{name}", path)
-        if actual != expected:
-            path.unlink(missing_ok=True)
-            raise RuntimeError(f"model file {name} of {record.id} failed its checksum")
-    if only is None:
-        _mark_verified(folder, record.files)
+        if not (path.is_file() and sha256_file(path) == expected):
+            actual = storage.download(f"{record.storage_prefix}/{name}", path)
+            if actual != expected:
+                path.unlink(missing_ok=True)
+                raise RuntimeError(f"model file {name} of {record.id} failed its checksum")
+        verified[name] = _fingerprint(path, expected)
+    _write_marker(folder, verified)
     return folder
 
 
+def _fingerprint(path: Path, sha256: str) -> dict | None:
+    """What the marker records of a verified file: any write to it changes its size or modification time."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        marker = json.loads((folder / _VERIFIED_MARKER).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    # An entry of another shape (an older marker kept only the sha256) is hashed again, once.
+    return (
+        {name: entry for name, entry in marker.items() if isinstance(entry, dict)} if isinstance(marker, dict) else {}
+    )
+
+
+def _write_marker(folder: Path, verified: dict) -> None:
+    """Atomically: validation and training may verify the same folder at once."""
+    partial = folder / f"{_VERIFIED_MARKER}.part-{os.getpid()}-{threading.get_ident()}"
+    partial.write_text(json.dumps(verified, sort_keys=True))
+    partial.replace(folder / _VERIFIED_MARKER)
+
+
 def _mark_verified(folder: Path, files: dict) -> None:
-    (folder / _VERIFIED_MARKER).write_text(json.dumps(files, sort_keys=True))
+    _write_marker(folder, {name: _fingerprint(folder / name, sha256) for name, sha256 in files.items()})

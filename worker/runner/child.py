@@ -1,6 +1,7 @@
 """The recipe's child process: its command line (one process, or one per device under torchrun), its own
 process group, the readers of its stdout and stderr, the pause file, its stop, and the attempt's log."""
 
+import json
 import logging
 import os
 import signal
@@ -33,16 +34,34 @@ def recipe_command(python: str, config: Path, out: Path, devices: int) -> list[s
     return command + ["--tee", "2", "--log-dir", str(out.parent / "ranks"), *recipe]
 
 
-def recipe_environment(device_env: dict[str, str], pause_file: Path) -> dict[str, str]:
+def recipe_environment(device_env: dict[str, str], pause_file: Path | None) -> dict[str, str]:
+    """A ready process (no pause file yet) gets the job's part, `job_environment`, with its job."""
     return {
         # A GPU lease trains over NCCL, whatever DeepSpeed accelerator the worker itself was started with.
         **{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR" or device_env.get(k)},
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         PARENT_PID_ENV: str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)
-        PAUSE_FILE_ENV: str(pause_file),
-        **device_env,  # its own devices only
+        **(job_environment(device_env, pause_file) if pause_file is not None else device_env),
     }
+
+
+def job_environment(device_env: dict[str, str], pause_file: Path) -> dict[str, str]:
+    return {PAUSE_FILE_ENV: str(pause_file), **device_env}  # its own devices only
+
+
+def start_recipe_process(command: list[str], env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=die_when_parent_dies,  # torchrun included, whose ranks in turn die with it
+        env=env,
+    )
 
 
 def free_port() -> int:
@@ -97,16 +116,23 @@ class RecipeChild:
         self.readers: list[threading.Thread] = []
 
     def start(self, command: list[str], device_env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
-            preexec_fn=die_when_parent_dies,  # torchrun included, whose ranks in turn die with it
-            env=recipe_environment(device_env, self.pause_file),
-        )
+        self.process = start_recipe_process(command, recipe_environment(device_env, self.pause_file))
+        self._follow()
+
+    def adopt(self, process: subprocess.Popen[str], config: Path, out: Path, device_env: dict[str, str]) -> None:
+        """Give the job to a process started before it (a warm runtime): it already runs in its own session
+        and dies with this worker; what it printed while loading is read now, into this attempt's log."""
+        self.process = process
+        job = {"config": str(config), "out": str(out), "env": job_environment(device_env, self.pause_file)}
+        assert process.stdin is not None
+        try:
+            process.stdin.write(json.dumps(job) + "\n")
+            process.stdin.close()
+        except OSError:  # it died since it was checked: its exit code and stderr tell the attempt why
+            pass
+        self._follow()
+
+    def _follow(self) -> None:
         self.readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),

@@ -32,6 +32,7 @@ def training_config(
         "checkpoint_every_steps": settings.checkpoint_every_steps,
         "checkpoint_every_minutes": settings.checkpoint_every_minutes,
         "resume_from": str(resume_from) if resume_from else None,
+        "dataset_cache_dir": settings.resolved_dataset_cache_dir,
         **recipe_hyperparameters,
         **spec.options,
     }

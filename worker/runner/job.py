@@ -16,6 +16,7 @@ from shared.jobs import execution
 from shared.jobs.service import ATTEMPT_LOG, attempt_prefix
 from shared.settings import get_settings
 from shared.storage import StorageError, get_storage
+from worker.runner import warm
 from worker.runner.child import RecipeChild, recipe_command
 from worker.runner.config import training_config, write_training_config
 from worker.runner.crash import cause, describe_crash
@@ -25,7 +26,9 @@ from worker.runner.journal import AttemptJournal
 from worker.runner.lease import LeaseKeeper
 from worker.runner.promotion import Promotion
 from worker.runner.resume import fetch_resume_state
+from worker.runner.startup import StartupTimeline
 from worker.slots import Lease
+from worker.training import dataset_cache
 from worker.training.disk_space import is_disk_full
 from worker.training.events import (
     RECIPE_EVENT,
@@ -49,6 +52,7 @@ class JobRunner:
         self.job_id, self.attempt, self.worker = job_id, attempt, worker
         self.device_env = lease.environment() if lease is not None else {}
         self.devices = len(lease.ids) if lease is not None else 1
+        self.slots = lease
         if lease is not None and lease.kind == "cpu" and self.devices > 1:
             self.device_env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU slots: gloo between the ranks
         self.settings = get_settings()
@@ -65,6 +69,7 @@ class JobRunner:
         self.lease = LeaseKeeper(job_id, attempt, self.settings.lease_seconds)
         self.child: RecipeChild | None = None
         self.journal = AttemptJournal(job_id, attempt)
+        self.startup = StartupTimeline(job_id, attempt)
 
     @property
     def prefix(self) -> str:
@@ -91,7 +96,9 @@ class JobRunner:
                     ) from exc
                 if SHUTDOWN.is_set():
                     raise RetryAttempt("Its worker is shutting down")
+                self.startup.mark("inputs ready")
                 returncode = self.run_recipe(config, workdir / "out")
+                self.keep_dataset_cache_bounded()
                 self.finish(returncode)
         except (OSError, StorageError, RetryAttempt) as exc:
             # This worker's own writes (downloads into scratch or the model cache, a checkpoint's metrics) found
@@ -132,17 +139,29 @@ class JobRunner:
         return resumed.folder
 
     def run_recipe(self, config: Path, out: Path) -> int:
-        python = self.settings.training_python or sys.executable
         self.child = RecipeChild(self.job_id, out.parent, self.on_report)
-        self.child.start(recipe_command(python, config, out, self.devices), self.device_env)
+        ready = warm.take(self.slots)
+        if ready is not None:
+            self.child.adopt(ready.process, config, out, self.device_env)
+        else:
+            python = self.settings.training_python or sys.executable
+            self.child.start(recipe_command(python, config, out, self.devices), self.device_env)
+        self.startup.warm = ready is not None
+        self.startup.mark("process warm" if ready is not None else "process started")
         while self.child.poll() is None:
             time.sleep(self.settings.cancel_poll_seconds)
             self.follow_controls()
         returncode = self.child.join_readers()
+        warm.replenish(self.slots)  # if its first step did not already
         self._flush_metrics(force=True)
         what = f"keeping the log of attempt {self.attempt}"
         self.child.log.keep(self.storage, f"{self.prefix}/{ATTEMPT_LOG}", what, self.settings.storage_retries)
         return returncode
+
+    def keep_dataset_cache_bounded(self) -> None:
+        folder = self.settings.resolved_dataset_cache_dir
+        if folder is not None:
+            dataset_cache.evict_oldest(folder, self.settings.dataset_cache_mb * 2**20)
 
     def follow_controls(self) -> None:
         """Cancel, pause or drain the recipe as the job's row and the worker ask."""
@@ -197,10 +216,14 @@ class JobRunner:
     def handle(self, event: RecipeEvent) -> None:
         match event:
             case MetricsEvent():
+                if not self.startup.reported:
+                    self.startup.first_step(event.step)
+                    warm.replenish(self.slots)  # the slot's next ready process loads while this job trains
                 self.record_step(event)
             case CheckpointEvent():
                 self.promotion.saved_state(event, self.metrics_rows, "step")
             case MessageEvent():
+                self.startup.recipe_said(event.message)
                 self.record_event(event.message)
             case DoneEvent():
                 self.done = event

@@ -1,4 +1,5 @@
 """`python -m worker.training --config cfg.json --out DIR`: run the recipe with no service around it.
+`python -m worker.training --ready`: load the libraries first, then read the job from stdin (worker.training.ready).
 Exit codes: 0 done, 2 bad data or config (a user error), 3 paused (SIGUSR1 or the pause file: state saved;
 a rank under torchrun exits 0 after its "paused" event), 1 anything else. An error event with
 `retryable: true` (a full disk) is not the job's fault: the worker requeues the attempt."""
@@ -11,13 +12,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.training.control import install_pause_handler
+from worker.training.control import install_pause_handler, pause_requested
 from worker.training.disk_space import is_disk_full
 from worker.training.process import (
     DONE_EXIT_CODE,
     FAILED_EXIT_CODE,
     INVALID_INPUT_EXIT_CODE,
     PAUSED_EXIT_CODE,
+    READY_FLAG,
     die_with_parent,
 )
 from worker.training.reporter import StdoutJsonReporter
@@ -25,12 +27,23 @@ from worker.training.reporter import StdoutJsonReporter
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="TrainingConfig as JSON")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (adapter/, checkpoints/)")
+    parser.add_argument("--config", type=Path, help="TrainingConfig as JSON")
+    parser.add_argument("--out", type=Path, help="output folder (adapter/, checkpoints/)")
+    parser.add_argument(
+        READY_FLAG, nargs="?", const="", metavar="ROOM", help="load the libraries, then read the job from stdin"
+    )
     args = parser.parse_args(argv)
+    if args.ready is None and (args.config is None or args.out is None):
+        parser.error("--config and --out are required (or --ready)")
     install_pause_handler()
     die_with_parent()
     reporter = StdoutJsonReporter()
+    if args.ready is not None:
+        job = take_job()
+        if job is None:
+            return DONE_EXIT_CODE  # retired by its worker before any job came
+        args.config, args.out = job.config, job.out
+        reporter.event("message", message=describe_warm_start(job))
     from worker.training.config import TrainingConfig
 
     try:
@@ -38,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         reporter.event("error", code="invalid_config", message=str(exc))
         return INVALID_INPUT_EXIT_CODE
+    use_dataset_cache(config, reporter)
     from worker.training.data import DatasetError
     from worker.training.recipe import Paused, train
 
@@ -62,6 +76,32 @@ def main(argv: list[str] | None = None) -> int:
         reporter.event("error", code=code, message=f"{type(exc).__name__}: {exc}", **where_it_failed(exc))
         return FAILED_EXIT_CODE
     return DONE_EXIT_CODE
+
+
+def take_job():
+    """Waits for the job with the libraries loading meanwhile; a pause asked of this process before it had a
+    job was not meant for the job."""
+    from worker.training.ready import Preloader, wait_for_job
+
+    job = wait_for_job(sys.stdin, Preloader().start())
+    pause_requested.clear()
+    return job
+
+
+def describe_warm_start(job) -> str:
+    if job.loaded_before_job:
+        return f"Training process ready: its libraries were loaded ({job.loaded_seconds:.1f} s) before the job came"
+    return f"Training process ready, still loading its libraries when the job came ({job.loaded_seconds:.1f} s)"
+
+
+def use_dataset_cache(config, reporter: StdoutJsonReporter) -> None:
+    if config.dataset_cache_dir is None:
+        return
+    from worker.training import dataset_cache
+
+    # Under torchrun every rank loads the data; one of them says so.
+    say = reporter.event if os.environ.get("RANK", "0") == "0" else None
+    dataset_cache.use(dataset_cache.DatasetCache(config.dataset_cache_dir, say))
 
 
 def where_it_failed(exc: BaseException) -> dict:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from shared.datasets.report import split_validation
 from shared.datasets.tokenization import IGNORE_INDEX, ChatTokenizer, Encoded
 from shared.datasets.validation import validate_jsonl
+from worker.training import dataset_cache
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +58,33 @@ def encode_records(
 
 
 def load_examples(
+    tokenizer: ChatTokenizer,
+    train_file: Path,
+    validation_file: Path | None,
+    *,
+    max_seq_length: int,
+    seed: int,
+    train_on_inputs: bool = False,
+) -> tuple[list[Encoded], list[Encoded]]:
+    """Training and validation examples, from this process's dataset cache when one is in use."""
+
+    def tokenize() -> tuple[list[Encoded], list[Encoded]]:
+        return tokenize_files(
+            tokenizer, train_file, validation_file, max_seq_length=max_seq_length, seed=seed,
+            train_on_inputs=train_on_inputs,
+        )  # fmt: skip
+
+    cache = dataset_cache.active()
+    if cache is None:
+        return tokenize()
+    key = cache.key(
+        tokenizer, train_file, validation_file, max_seq_length=max_seq_length, seed=seed,
+        train_on_inputs=train_on_inputs,
+    )  # fmt: skip
+    return cache.fetch(key, tokenize)
+
+
+def tokenize_files(
     tokenizer: ChatTokenizer,
     train_file: Path,
     validation_file: Path | None,

@@ -12,6 +12,10 @@ INVALID_INPUT_EXIT_CODE = 2  # bad data or config: the user's error
 PAUSED_EXIT_CODE = 3  # state saved; a rank under torchrun exits 0 instead (torchrun fails a run on any other code)
 
 PARENT_PID_ENV = "TUNEQUEUE_PARENT_PID"
+READY_FLAG = "--ready"
+# Room kept in a ready process's command line for its job's: `ps` and /proc/<pid>/cmdline then show the job's
+# config and output folder, as they do for a process started for the job.
+TITLE_ROOM = 2048
 PR_SET_PDEATHSIG = 1
 
 
@@ -31,3 +35,8 @@ def die_with_parent() -> None:
         return  # a rank under torchrun: it dies with torchrun, which dies with the worker
     if os.getppid() != int(parent):
         os._exit(1)
+
+
+def ready_command(python: str) -> list[str]:
+    """A recipe process that loads its libraries now and reads its job from stdin later (worker.training.ready)."""
+    return [python, "-m", "worker.training", READY_FLAG, " " * TITLE_ROOM]

@@ -1,0 +1,123 @@
+"""The worker's pool of ready recipe processes, on a stand-in process that waits for its job line (the real
+recipe in a ready process: tests/integration/test_warm_start.py)."""
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from tests.faults import wait_for
+from worker.runner import warm
+from worker.runner.child import RecipeChild
+from worker.slots import Lease, Slots
+from worker.training.process import PARENT_PID_ENV
+from worker.training.ready import retitle
+
+# Prints the job line it was given and, once the job's environment is applied, its pause file; exits 0.
+STAND_IN = (
+    "import json, os, sys; job = sys.stdin.readline(); print(job.strip()); "
+    "os.environ.update(json.loads(job)['env']); print(os.environ.get('TUNEQUEUE_PAUSE_FILE'))"
+)
+
+
+@pytest.fixture
+def runtimes(monkeypatch):
+    monkeypatch.setattr(warm, "ready_command", lambda python: [python, "-c", STAND_IN])
+    pool = warm.WarmRuntimes(sys.executable, {"0": Lease("cpu", ["0"]).environment()}).start()
+    wait_for(pool.describe, 10, "a ready process")
+    yield pool
+    pool.close()
+
+
+def test_a_job_goes_to_the_ready_process_of_its_slot_and_a_replacement_follows(runtimes, tmp_path):
+    [pid] = runtimes.describe().values()
+    ready = runtimes.take(Lease("cpu", ["0"]))
+    assert ready is not None and ready.process.pid == pid
+    lines: list[str] = []
+    child = RecipeChild("job", tmp_path, lambda report: None)
+    child.log.write = lines.append
+    child.adopt(ready.process, tmp_path / "config.json", tmp_path / "out", {"CUDA_VISIBLE_DEVICES": ""})
+    assert child.running_process.wait(timeout=10) == 0 and child.join_readers() == 0
+    assert runtimes.describe() == {}  # the next one loads once this job is under way, not beside its start
+    runtimes.replenish(Lease("cpu", ["0"]))
+    job = json.loads(lines[0])
+    assert job["config"] == str(tmp_path / "config.json") and job["out"] == str(tmp_path / "out")
+    assert job["env"]["CUDA_VISIBLE_DEVICES"] == "" and lines[1] == str(tmp_path / "pause-requested")
+    replacement = wait_for(lambda: runtimes.describe().get("0"), 10, "the replacement")
+    assert replacement != pid
+
+
+def test_ready_processes_run_in_their_own_session_and_know_their_worker(runtimes):
+    [pid] = runtimes.describe().values()
+    assert os.getsid(pid) == pid
+    environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+    assert environ[PARENT_PID_ENV] == str(os.getpid()) and environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_dead_ready_process_is_not_used(runtimes):
+    [pid] = runtimes.describe().values()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: runtimes.ready["0"].process.poll() is not None, 10, "its death")
+    assert runtimes.take(Lease("cpu", ["0"])) is None
+    runtimes.replenish(Lease("cpu", ["0"]))
+    assert wait_for(lambda: runtimes.describe().get("0"), 10, "the replacement") != pid
+
+
+def test_a_ready_process_that_loaded_other_code_is_not_used(runtimes, monkeypatch):
+    [pid] = runtimes.describe().values()
+    monkeypatch.setattr(warm, "code_fingerprint", lambda python: ("changed",))
+    assert runtimes.take(Lease("cpu", ["0"])) is None
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", 10, "it")
+    runtimes.replenish(Lease("cpu", ["0"]))
+    assert wait_for(lambda: runtimes.describe().get("0"), 10, "the replacement") != pid
+
+
+def test_jobs_on_several_devices_start_their_own_processes(runtimes):
+    assert runtimes.take(Lease("cpu", ["0", "1"])) is None
+    assert "0" in runtimes.describe()  # still ready for a one-device job
+
+
+def test_closing_stops_the_ready_processes(runtimes):
+    [pid] = runtimes.describe().values()
+    runtimes.close()
+    assert runtimes.describe() == {}
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_settings_choose_how_many_slots_are_kept_warm(monkeypatch):
+    from shared.settings import Settings
+
+    started: list[dict] = []
+    monkeypatch.setattr(warm.WarmRuntimes, "start", lambda self: started.append(self.slots) or self)
+    slots = Slots("gpu", ["0", "1", "2"])
+    assert warm.start_warm_runtimes(Settings(warm_runtimes=0), slots) is None
+    assert warm.start_warm_runtimes(Settings(training_python="/opt/wrapper"), slots) is None
+    warm.start_warm_runtimes(Settings(warm_runtimes=2), slots)
+    warm.start_warm_runtimes(Settings(), slots)
+    assert [list(s) for s in started] == [["0", "1"], ["0", "1", "2"]]
+    assert started[0]["1"] == {"CUDA_VISIBLE_DEVICES": "1"}
+    warm.RUNTIMES = None
+
+
+def test_a_ready_process_takes_its_jobs_command_line(tmp_path):
+    """The room `--ready` keeps in argv holds the job's command line, NUL-separated as ps and /proc show it."""
+    script = (
+        "import sys, time; from worker.training.ready import retitle; "
+        "print(retitle(['python', '-m', 'worker.training', '--config', 'c.json', '--out', 'out']), flush=True); "
+        "time.sleep(5)"
+    )
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, " " * 200], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    try:
+        assert process.stdout.readline().strip() == "True"
+        args = open(f"/proc/{process.pid}/cmdline", "rb").read().rstrip(b"\0").split(b"\0")
+        assert args == [b"python", b"-m", b"worker.training", b"--config", b"c.json", b"--out", b"out"]
+    finally:
+        process.kill()
+        process.wait()
+    assert retitle(["x" * 10**6]) is False  # more than the room: left as it was
