@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -31,8 +31,25 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not e2e"
 
-bench: $(STAMP)
+# TRL is the benchmark's peer, never the product's dependency: its own stamp, outside `make install`.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run
+
+# Submit -> first step with a cold and a warm worker on the real stack (Postgres, Redis, moto S3), and the
+# job's wall time against the bare recipe.
+bench-warm: $(STAMP)
+	$(PY) -m benchmarks.warm_start
+
+# The API under polling load (about 2 minutes; needs Postgres, Redis and wrk on this machine): a scratch
+# database with 10,000 jobs and 1,000,000 events, `tunequeue serve --workers 2`, wrk on loopback.
+bench-api: $(STAMP)
+	$(PY) -m benchmarks.api_load
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the

@@ -1,5 +1,8 @@
 """`make bench`: the recipe's speed and memory against a peer run side by side, on SmolLM2-135M-Instruct.
 
+0. Against TRL: the recipe against TRL's SFTTrainer with its defaults (benchmarks/trl_peer.py) on the same NF4
+   base, LoRA, data and hyperparameters, one after the other, each in its own process; real tokens/s of the
+   training loop, peak memory, and held-out assistant loss measured by one evaluator (benchmarks/evaluator.py).
 1. Quantisation: NF4 + LoRA against the same recipe on the unquantised bf16 base (sample data).
 2. Packing: on against off, NF4, on conversations of mixed length (1 to 8 exchanges).
 3. Chat tokenization (validation, dry runs, the recipe's data): one render per conversation against rendering
@@ -11,6 +14,7 @@ or peak CUDA memory (GPU)."""
 
 import argparse
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -22,6 +26,7 @@ from pathlib import Path
 from worker.training.reporter import parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
+COMPARISON_MAX_LENGTH = 512
 
 
 def base_model() -> Path:
@@ -79,6 +84,127 @@ def run_variant(model: Path, lines: list[str], batch_size: int, **options) -> di
     }
 
 
+def loop_figures(steps: list[dict]) -> tuple[int, float]:
+    """(real tokens trained, seconds inside the training steps) from the recipe's per-step metrics."""
+    tokens, seconds, before = 0, 0.0, 0
+    for step in steps:
+        step_tokens, before = step["trained_tokens"] - before, step["trained_tokens"]
+        tokens, seconds = tokens + step_tokens, seconds + step_tokens / step["tokens_per_second"]
+    return tokens, seconds
+
+
+def recipe_against_trl(model: Path, data: Path, heldout: Path, batch_size: int, out: Path) -> dict:
+    """The recipe as a job runs it, on the comparison's settings. `heldout` is its validation file only so that no
+    training example is split off; with one evaluation, at the end, it steers nothing (the last adapter ships)."""
+    settings = {
+        "base_model_path": str(model), "train_file": str(data), "validation_file": str(heldout), "n_epochs": 1,
+        "batch_size": batch_size, "max_seq_length": COMPARISON_MAX_LENGTH, "seed": 0, "n_evals": 0,
+        "n_checkpoints": 0, "adapter_selection": "last",
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = out.parent / "recipe.json"
+    config.write_text(json.dumps(settings))
+    command = [sys.executable, "-m", "worker.training", "--config", str(config), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
+    steps = [e for e in events if e["event"] == "metrics"]
+    done = next(e for e in events if e["event"] == "done")["metrics"]
+    tokens, seconds = loop_figures(steps)
+    return {**done, "real_tokens": tokens, "loop_seconds": seconds, "steps": len(steps), "adapter": out / "adapter"}
+
+
+def trl_against_recipe(model: Path, data: Path, batch_size: int, out: Path) -> dict:
+    command = [
+        sys.executable, "-m", "benchmarks.trl_peer", "--base", str(model), "--data", str(data), "--out", str(out),
+        "--batch-size", str(batch_size), "--max-length", str(COMPARISON_MAX_LENGTH), "--seed", "0",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "adapter": out / "adapter"}
+
+
+def heldout_loss(model: Path, adapter: Path | None, heldout: Path) -> float:
+    command = [sys.executable, "-m", "benchmarks.evaluator", "--base", str(model), "--data", str(heldout)]
+    result = subprocess.run(command + (["--adapter", str(adapter)] if adapter else []), capture_output=True,
+                            text=True, cwd=ROOT)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])["loss"]
+
+
+def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
+    """The best GFLOP/s of one large matrix product in the compute dtype, on all of torch's threads."""
+    import torch
+
+    from worker.training.model import compute_dtype, device
+
+    a, b = (torch.randn(size, size, dtype=compute_dtype(), device=device()) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def parameter_count(model: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(model / "model.safetensors", "pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+
+
+def check_disjoint(lines: list[str], heldout: Path) -> None:
+    trained = {m["content"] for line in lines for m in json.loads(line)["messages"] if m["role"] == "user"}
+    held = {json.loads(line)["messages"][0]["content"] for line in heldout.read_text().splitlines() if line.strip()}
+    assert not trained & held, f"held-out prompts seen in training: {sorted(trained & held)[:3]}"
+
+
+def against_trl(model: Path, examples: int, batch_size: int) -> None:
+    lines = mixed_length_lines(examples)
+    heldout = ROOT / "tunequeue/sample/heldout.jsonl"
+    check_disjoint(lines, heldout)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "train.jsonl"
+        data.write_text("\n".join(lines) + "\n")
+        trl = trl_against_recipe(model, data, batch_size, Path(scratch) / "trl" / "out")
+        print(f"TRL: {json.dumps(trl, default=str)}", file=sys.stderr)
+        ours = recipe_against_trl(model, data, heldout, batch_size, Path(scratch) / "recipe" / "out")
+        print(f"recipe: {json.dumps(ours, default=str)}", file=sys.stderr)
+        base_loss = heldout_loss(model, None, heldout)
+        for run in (trl, ours):
+            run["heldout_loss"] = heldout_loss(model, run["adapter"], heldout)
+    peak, flop_per_token = matmul_peak_gflops(), 4 * parameter_count(model)
+    print_against_trl(trl, ours, base_loss, peak, flop_per_token)
+
+
+def print_against_trl(trl: dict, ours: dict, base_loss: float, peak: float, flop_per_token: int) -> None:
+    print(f"Against TRL's SFTTrainer (held-out assistant loss of the base: {base_loss:.3f})\n")
+    print("| run | real tokens | loop s | real tokens/s | peak RSS MiB | held-out loss | of matmul peak |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run in (("TRL SFTTrainer defaults", trl), ("tunequeue recipe", ours)):
+        run["speed"] = run["real_tokens"] / run["loop_seconds"]
+        memory = run.get("peak_gpu_memory_mib") or run["peak_rss_mib"]
+        print(
+            f"| {name} | {run['real_tokens']} | {run['loop_seconds']:.1f} | {run['speed']:.1f} | {memory:.0f} "
+            f"| {run['heldout_loss']:.3f} | {run['speed'] * flop_per_token / 1e9 / peak:.1%} |"
+        )
+    memory_key = "peak_gpu_memory_mib" if ours.get("peak_gpu_memory_mib") else "peak_rss_mib"
+    print(
+        f"| ratio | | | **{ours['speed'] / trl['speed']:.2f}x** | **{ours[memory_key] / trl[memory_key]:.2f}x** "
+        f"| {ours['heldout_loss'] - trl['heldout_loss']:+.3f} | |"
+    )
+    print(
+        f"\nmatmul peak: {peak:.0f} GFLOP/s; work per token: 4 x {flop_per_token // 4:,} parameters = "
+        f"{flop_per_token / 1e9:.2f} GFLOP (forward 2N, backward through the activations 2N)\n"
+    )
+
+
 def tokenization_rows(model: Path, sizes: tuple[int, ...] = (100, 400, 1600)) -> list[dict]:
     """Seconds to encode one conversation of n messages, best of 3, with the one-render method and with the
     prefix-by-prefix method it replaced (still the fallback for templates that rewrite contents)."""
@@ -120,8 +246,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only-against-trl", action="store_true", help="the first table alone")
     args = parser.parse_args()
     model = base_model()
+    against_trl(model, args.examples, args.batch_size)
+    if args.only_against_trl:
+        return 0
     print("Chat tokenization: one render against prefix by prefix (one conversation, best of 3)\n")
     print("| messages | one render s | µs/message | prefix by prefix s | µs/message | ratio |")
     print("|---|---|---|---|---|---|")

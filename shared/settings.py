@@ -35,6 +35,21 @@ class DatabaseSettings(_Area):
         "locks cannot block the takeover of its jobs; 0: off",
     )
 
+    api_key_cache_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=60,
+        description="How long an API process trusts a key it verified before reading it again (revocation by "
+        "another process takes this long; through the same process, none); unset: 2 on Postgres, 0 on SQLite",
+    )
+
+    @property
+    def resolved_api_key_cache_seconds(self) -> float:
+        # SQLite is a local file read, no round trip to save: every request reads the key, as before.
+        if self.api_key_cache_seconds is not None:
+            return self.api_key_cache_seconds
+        return 0.0 if self.resolved_database_url.startswith("sqlite") else 2.0
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.resolved_data_dir / 'tunequeue.db'}"
@@ -58,6 +73,10 @@ class StorageSettings(_Area):
     storage_url: str | None = Field(default=None, description="file:///path or s3://bucket/prefix")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, ...)")
     model_dir: Path | None = Field(default=None, description="Local base-model cache; default data_dir/models")
+    dataset_cache_dir: Path | None = Field(
+        default=None, description="Local cache of tokenised training data; default data_dir/dataset-cache"
+    )
+    dataset_cache_mb: int = Field(default=2048, ge=0, description="Most MB the dataset cache keeps; 0: no cache")
     storage_retries: int = Field(default=5, ge=1, description="Tries for each object-storage write or read")
 
     @property
@@ -67,6 +86,12 @@ class StorageSettings(_Area):
     @property
     def resolved_model_dir(self) -> Path:
         return (self.model_dir or self.resolved_data_dir / "models").expanduser().resolve()
+
+    @property
+    def resolved_dataset_cache_dir(self) -> Path | None:
+        if self.dataset_cache_mb == 0:
+            return None
+        return (self.dataset_cache_dir or self.resolved_data_dir / "dataset-cache").expanduser().resolve()
 
 
 class WebhookSettings(_Area):
@@ -136,6 +161,11 @@ class WorkerSettings(_Area):
     )
     slot_wait_seconds: float = Field(default=2.0, ge=0, description="How long a job waits for a worker's free slot")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
+    warm_runtimes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Recipe processes kept ready (libraries loaded) per worker; unset: one per device slot; 0: off",
+    )
 
 
 class Settings(DatabaseSettings, QueueSettings, StorageSettings, WebhookSettings, LimitSettings, WorkerSettings):

@@ -29,6 +29,10 @@ class TrainingConfig(BaseModel):
     max_seq_length: int = Field(default=defaults.MAX_SEQ_LENGTH, ge=16)
     seed: int = Field(default=42, ge=0)
     packing: bool = defaults.PACKING
+    group_by_length: bool = Field(default=True, description="batch examples of similar length together")
+    micro_batch_tokens: int = Field(
+        default=512, ge=0, description="tokens per forward and backward within a step (0: the whole batch)"
+    )
     train_on_inputs: bool = defaults.TRAIN_ON_INPUTS
 
     lora_r: int = Field(default=defaults.LORA_R, ge=1)
@@ -54,6 +58,7 @@ class TrainingConfig(BaseModel):
     adapter_selection: Literal["best", "last"] = defaults.ADAPTER_SELECTION
     log_every_steps: int = Field(default=1, ge=1)
     resume_from: Path | None = Field(default=None, description="a folder saved by a pause: continue from it")
+    dataset_cache_dir: Path | None = Field(default=None, description="keep tokenised examples here between runs")
     hyperparameters: dict = Field(default_factory=dict, description="As resolved on the job, for the manifest")
 
     @classmethod

@@ -14,7 +14,7 @@ from worker.training import checkpointing, distributed
 from worker.training.config import TrainingConfig
 from worker.training.data import masked, predicted_tokens
 from worker.training.engine import Collate, StepResult, optimizer_and_schedule
-from worker.training.evaluation import token_loss_sum
+from worker.training.evaluation import labelled_logits, token_loss_sum
 from worker.training.model import save_adapter
 
 DEEPSPEED_STATE = "deepspeed"
@@ -53,9 +53,8 @@ class DeepSpeedEngine:
         part in the collectives and add exactly zero."""
         self.model.train()
         inputs = self.collate(distributed.shard(batch) or [masked(batch[0])])
-        labels = inputs.pop("labels")
-        output = self.engine(**inputs, use_cache=False)  # a cache would defeat packing's block mask
-        loss_sum, correct = token_loss_sum(output.logits, labels)
+        logits, targets = labelled_logits(self.model, inputs, forward=self.engine)
+        loss_sum, correct = token_loss_sum(logits, targets)
         batch_tokens = max(1, sum(predicted_tokens(example) for example in batch))
         self.engine.backward(loss_sum * (distributed.world_size() / batch_tokens))
         self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients

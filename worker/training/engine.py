@@ -13,7 +13,8 @@ from transformers import get_scheduler
 from shared.datasets.tokenization import Encoded
 from worker.training import checkpointing
 from worker.training.config import TrainingConfig
-from worker.training.evaluation import token_accuracy
+from worker.training.data import pack_rows, predicted_tokens
+from worker.training.evaluation import labelled_logits, token_loss_sum
 from worker.training.model import save_adapter
 
 Collate = Callable[[list[Encoded]], dict[str, torch.Tensor]]
@@ -47,6 +48,15 @@ class TrainingEngine(Protocol):
     def load(self, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores the engine's own state from `folder`; returns the loop's fields and this rank's RNG."""
         ...
+
+
+def micro_batches(batch: list[Encoded], token_budget: int) -> list[list[Encoded]]:
+    """The batch in groups of at most `token_budget` tokens (an example longer than that alone; 0: one group).
+    Activation memory grows with the tokens of one forward: a budget bounds it whatever the batch size and
+    lengths, and groups of a few hundred tokens still keep the matrix multiplications large."""
+    if not token_budget:
+        return [batch]
+    return pack_rows(batch, max(token_budget, *(len(example.input_ids) for example in batch)))
 
 
 def steps_in_run(n_examples: int, batch_size: int, n_epochs: int) -> int:
@@ -89,19 +99,24 @@ class LocalEngine:
         self.optimizer, self.scheduler = optimizer_and_schedule(self.trainable, config, total_steps)
         self.collate = collate
         self.max_grad_norm = config.max_grad_norm
+        self.micro_batch_tokens = config.micro_batch_tokens
 
     def step(self, batch: list[Encoded]) -> StepResult:
+        """The batch's gradient, accumulated over micro-batches: the loss of each is its summed token loss over
+        the whole batch's token count, so the sum of their gradients is the batch mean's."""
         self.model.train()
-        inputs = self.collate(batch)
-        output = self.model(**inputs, use_cache=False)  # a cache would defeat packing's block mask
-        output.loss.backward()
+        count = max(1, sum(predicted_tokens(example) for example in batch))
+        loss_sum, correct = 0.0, 0
+        for part in micro_batches(batch, self.micro_batch_tokens):
+            part_loss, part_correct = token_loss_sum(*labelled_logits(self.model, self.collate(part)))
+            (part_loss / count).backward()
+            # .item() is a device sync point; once per micro-batch is fine at these step times.
+            loss_sum, correct = loss_sum + float(part_loss.item()), correct + part_correct
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # .item() is a device sync point; once per step is fine at these step times.
-        loss = float(output.loss.item())
-        return StepResult(loss, token_accuracy(output.logits, inputs["labels"]), float(grad_norm))
+        return StepResult(loss_sum / count, correct / count, float(grad_norm))
 
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

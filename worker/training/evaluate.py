@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from worker.training import data as chat_data
-from worker.training.evaluation import labelled_positions, token_loss_sum
+from worker.training.evaluation import labelled_logits, labelled_positions, token_loss_sum
 from worker.training.model import compute_dtype, load_tokenizer
 
 
@@ -40,7 +40,7 @@ def heldout_loss(model, base: Path, path: Path, max_seq_length: int = 1024) -> t
     total, tokens = 0.0, 0
     for example in chat_data.encode_records(tokenizer, kind, records, max_seq_length):
         batch = chat_data.collate([example], tokenizer.pad_id or 0)
-        loss, _ = token_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        loss, _ = token_loss_sum(*labelled_logits(model, batch))
         total += float(loss)
         tokens += labelled_positions(batch["labels"])
     return total / max(tokens, 1), tokens

@@ -46,7 +46,8 @@ def write_manifest(
         "seed": config.seed,
         "hyperparameters": config.hyperparameters,
         "training": config.model_dump(
-            mode="json", exclude={"base_model_path", "train_file", "validation_file", "hyperparameters"}
+            mode="json",
+            exclude={"base_model_path", "train_file", "validation_file", "hyperparameters", "dataset_cache_dir"},
         ),
         "metrics": metrics,
         "libraries": library_versions(),

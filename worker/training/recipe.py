@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from shared.datasets.tokenization import ChatTokenizer, Encoded
-from worker.training import checkpointing, control, distributed
+from worker.training import batching, checkpointing, control, distributed
 from worker.training import data as chat_data
 from worker.training.checkpointing import TrainingProgress
 from worker.training.config import TrainingConfig
@@ -130,7 +130,9 @@ class TrainingLoop:
             self.evaluate_base_model()
         for epoch in range(self.progress.epoch, self.config.n_epochs + 1):
             self.progress.epoch = epoch
-            epoch_batches = chat_data.batches(self.train_set, self.config.batch_size, self.config.seed, epoch)
+            epoch_batches = batching.batches(
+                self.train_set, self.config.batch_size, self.config.seed, epoch, self.config.group_by_length
+            )
             for index in range(self.progress.batch_index, len(epoch_batches)):
                 self.step(epoch_batches[index], epoch)
                 self.progress.batch_index = index + 1
