@@ -29,7 +29,7 @@ class TrainingConfig(BaseModel):
     max_seq_length: int = Field(default=defaults.MAX_SEQ_LENGTH, ge=16)
     seed: int = Field(default=42, ge=0)
     packing: bool = defaults.PACKING
-    group_by_length: bool = Field(default=True, description="batch examples of similar length together")
+    group_by_length: bool = Field(default=False, description="batch examples of similar length together")
     micro_batch_tokens: int = Field(
         default=512, ge=0, description="tokens per forward and backward within a step (0: the whole batch)"
     )
