@@ -150,10 +150,15 @@ def test_one_tenants_running_limit_holds_across_two_workers(production_env, make
     jobs = [stack.wait(job_id, timeout=300) for job_id in job_ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, stack.logs()
 
-    usage = rows(env, "SELECT * FROM device_usage")
-    assert sorted(r["job_id"] for r in usage) == sorted(job_ids)  # each job trained once, on one device
     # Device use, in wall-clock time: a device is released (and its end recorded) just after its job's final
-    # transition, so the next job may start a few milliseconds before that end is written, never more.
+    # transition, so the last job's end may still be on its way, and the next job may start a few
+    # milliseconds before the previous end is written, never more.
+    usage = wait_for(
+        lambda: (found := rows(env, "SELECT * FROM device_usage")) and all(r["ended_at_ms"] for r in found) and found,
+        timeout=30,
+        what="every device's end to be recorded",
+    )
+    assert sorted(r["job_id"] for r in usage) == sorted(job_ids)  # each job trained once, on one device
     intervals = [(r["started_at_ms"], r["ended_at_ms"], r["job_id"]) for r in usage]
     assert overlaps(intervals, slack_ms=1000) == [], "two of the tenant's jobs trained at once"
     assert most_running_at_once(env, job_ids) == 1
@@ -174,9 +179,13 @@ def test_three_workers_racing_for_slots_never_share_a_device(production_env, mak
     jobs = [stack.wait(job_id, timeout=300) for job_id in job_ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 5, stack.logs()
 
-    usage = rows(env, "SELECT * FROM device_usage")
+    usage = wait_for(  # the last jobs' ends are recorded just after their final transitions
+        lambda: (found := rows(env, "SELECT * FROM device_usage")) and all(r["ended_at_ms"] for r in found) and found,
+        timeout=30,
+        what="every device's end to be recorded",
+    )
     assert sorted(r["job_id"] for r in usage) == sorted(job_ids)  # every job claimed and run exactly once...
-    assert all(r["attempt"] == 1 and r["ended_at_ms"] for r in usage)  # ...on its first attempt
+    assert all(r["attempt"] == 1 for r in usage)  # ...on its first attempt
     by_device: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for r in usage:
         by_device.setdefault((r["worker"], r["device"]), []).append((r["started_at_ms"], r["ended_at_ms"], r["job_id"]))
