@@ -27,6 +27,8 @@ RACE_ENV = {
     "TUNEQUEUE_REPUBLISH_AFTER_SECONDS": "1",
     "TUNEQUEUE_SLOT_WAIT_SECONDS": "0.3",
     "TUNEQUEUE_HEARTBEAT_SECONDS": "1",
+    # Several workers on one 2-core machine: no ready process per slot importing beside the others' jobs.
+    "TUNEQUEUE_WARM_RUNTIMES": "0",
 }
 TINY_JOB = {"n_epochs": 1, "batch_size": 4}  # 12 examples: 3 steps
 

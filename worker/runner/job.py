@@ -152,7 +152,7 @@ class JobRunner:
             time.sleep(self.settings.cancel_poll_seconds)
             self.follow_controls()
         returncode = self.child.join_readers()
-        warm.replenish(self.slots)  # if its first step did not already
+        warm.replenish(self.slots)  # if its first step did not already (a CPU slot's, always here)
         self._flush_metrics(force=True)
         what = f"keeping the log of attempt {self.attempt}"
         self.child.log.keep(self.storage, f"{self.prefix}/{ATTEMPT_LOG}", what, self.settings.storage_retries)
@@ -218,7 +218,10 @@ class JobRunner:
             case MetricsEvent():
                 if not self.startup.reported:
                     self.startup.first_step(event.step)
-                    warm.replenish(self.slots)  # the slot's next ready process loads while this job trains
+                    if self.slots is not None and self.slots.kind == "gpu":
+                        # The slot's next ready process loads on the CPU while this job trains on the GPU. On a
+                        # CPU slot it would take cores from the job: it loads once the job ends (`run_recipe`).
+                        warm.replenish(self.slots)
                 self.record_step(event)
             case CheckpointEvent():
                 self.promotion.saved_state(event, self.metrics_rows, "step")

@@ -1,8 +1,8 @@
 """Warm runtimes: one recipe process per device slot, started before any job and kept ready (its libraries
 imported, CUDA untouched), so that an attempt on one device skips the seconds of importing torch and its
 kin. Each process takes one job and exits with it, as a process started for the job would. Its replacement
-starts once that job has reported its first step (or ended): loading libraries beside a job's own start on a
-CPU node would slow the very seconds a warm start saves. A ready process that died, or that loaded other code
+starts once that job has reported its first step on a GPU slot, once it has ended on a CPU slot (the job's
+training uses every core there: `worker/runner/job.py`). A ready process that died, or that loaded other code
 than is on disk now, is retired, never used. Jobs on several devices (torchrun) start their processes when
 they come."""
 
