@@ -1,5 +1,7 @@
-"""One job on two processes (torchrun + DeepSpeed on CPU with gloo): ZeRO-2 and ZeRO-3 follow the loss curve
-of the one-process run of the same job (same global batch), and rank 0 delivers a loadable adapter."""
+"""One job on several processes (torchrun + DeepSpeed on CPU with gloo): ZeRO-2 and ZeRO-3 on 2 and 3
+processes follow the loss curve of the one-process run of the same job (same global batch) to the compute
+dtype's rounding, even where the ranks hold different numbers of tokens, and rank 0 delivers the adapter the
+one-process run would."""
 
 import json
 import math
@@ -60,32 +62,6 @@ def tiny_job(tmp_path, tiny_model, **overrides) -> dict:
         "packing": False,
         **overrides,
     }
-
-
-@pytest.mark.timeout(900)
-def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_model):
-    config = tiny_job(tmp_path, tiny_model)
-    started = time.monotonic()
-    code, single = run_recipe(tmp_path, config, "one")
-    one_seconds = time.monotonic() - started
-    assert code == 0, single
-    curves = {"1 process": [m["train_loss"] for m in metrics_of(single)]}
-    walls = {"1 process": one_seconds}
-    for stage in (2, 3):
-        code, events, seconds = run_distributed(tmp_path, {**config, "deepspeed_stage": stage}, f"zero{stage}")
-        assert code == 0, events
-        curve = [m["train_loss"] for m in metrics_of(events)]
-        assert len(curve) == len(curves["1 process"])
-        # Same data, same global batch, same schedule: the curves agree closely (bf16, and each rank's loss is
-        # the mean over its own half of the batch, so not to the last digit).
-        gaps = [abs(a - b) for a, b in zip(curve, curves["1 process"], strict=True)]
-        assert max(gaps) < 0.15, (stage, curve, curves["1 process"])
-        assert curve[-1] < curve[0] - 0.1  # and it learns
-        adapter = tmp_path / f"zero{stage}" / "adapter"
-        assert (adapter / "manifest.json").is_file()
-        assert_same_adapter(adapter, tmp_path / "one" / "adapter")
-        curves[f"ZeRO-{stage}, 2 processes"], walls[f"ZeRO-{stage}, 2 processes"] = curve, seconds
-    print("\n" + "\n".join(f"{k}: wall {walls[k]:.1f} s, losses {[round(x, 3) for x in v]}" for k, v in curves.items()))
 
 
 def adapter_tensors(folder) -> dict:
@@ -150,4 +126,7 @@ def test_uneven_last_batch_follows_the_one_process_curve(
     # of every token (20% off here) or dropping a rank's share shows in its norm (0.03% apart measured).
     norms = [metrics_of(run)[0]["grad_norm"] for run in (events, single)]
     assert abs(norms[0] - norms[1]) < 0.02 * norms[1], norms
+    assert got[-1] < got[0] - 0.1  # and it learns
+    # Rank 0 delivers the adapter, gathered from every rank (under ZeRO-3 each holds a part of every tensor).
+    assert (tmp_path / "many" / "adapter" / "manifest.json").is_file()
     assert_same_adapter(tmp_path / "many" / "adapter", tmp_path / "one" / "adapter")
