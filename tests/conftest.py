@@ -214,10 +214,7 @@ def make_stack(tmp_path):
     stacks: list[Stack] = []
 
     def make(env: dict[str, str], model: Path | None = None, model_id: str = "tiny-llama", worker: bool = True):
-        stack = Stack(env, tmp_path / f"logs-{len(stacks)}")
-        stack.cli("db", "upgrade")
-        if model is not None:
-            stack.cli("models", "import-hf", str(model), "--name", model_id)
+        stack = Stack(env, tmp_path / f"logs-{len(stacks)}").prepare(model, model_id)
         stacks.append(stack.start(worker=worker))
         return stack
 

@@ -61,6 +61,21 @@ def chat(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
+CLI_END = "\x1e\n"  # ends each command's output in `Stack.cli_many`
+CLI_MANY = f"""import json, sys
+from tunequeue.cli import main
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    if code:
+        sys.exit(code)
+    print({CLI_END!r}, end="", flush=True)
+"""
+
+
+def key_command(tenant: str, admin: bool) -> list[str]:
+    return ["keys", "create", "--tenant", tenant] + (["--admin"] if admin else [])
+
+
 class Stack:
     """The API (uvicorn) and one Celery worker as real processes, on the settings in `env`."""
 
@@ -78,13 +93,29 @@ class Stack:
         assert result.returncode == 0, f"tunequeue {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
+    def cli_many(self, *commands: list[str]) -> list[str]:
+        """Several `tunequeue` commands in one process (one start-up instead of one each): their outputs."""
+        result = subprocess.run(
+            [sys.executable, "-c", CLI_MANY, json.dumps(commands)],
+            env=self.env, cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, f"tunequeue {commands} failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout.split(CLI_END)[: len(commands)]
+
     def create_key(self, tenant: str = "default", admin: bool = False) -> str:
-        args = ["keys", "create", "--tenant", tenant] + (["--admin"] if admin else [])
-        return self.cli(*args).stdout.strip()
+        return self.cli(*key_command(tenant, admin)).stdout.strip()
+
+    def prepare(self, model: Path | None, model_id: str) -> "Stack":
+        """The database migrated, the base model imported and the stack's own key (tenant `default`, admin)."""
+        imports = [["models", "import-hf", str(model), "--name", model_id]] if model is not None else []
+        outputs = self.cli_many(["db", "upgrade"], *imports, key_command("default", admin=True))
+        self.key = outputs[-1].strip()
+        return self
 
     def start(self, worker: bool = True) -> "Stack":
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.key = self.create_key("default", admin=True)  # the stack's own client: tenant `default`, admin
+        if not hasattr(self, "key"):
+            self.key = self.create_key("default", admin=True)  # the stack's own client: tenant `default`, admin
         self.client.headers["Authorization"] = f"Bearer {self.key}"
         self._spawn(
             "api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
