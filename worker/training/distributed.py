@@ -26,9 +26,23 @@ def active() -> bool:
 def init() -> None:
     import deepspeed
 
+    _skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _skip_shared_memory_op() -> None:
+    """DeepSpeed's communication backend builds its shared-memory all-reduce op when it starts on a CPU node:
+    a C++ extension compiled on first use (about a minute, again for every new install), after probing every
+    op builder with compiler runs at every launch. That op serves only `inference_all_reduce`, never a ZeRO
+    training step, so it is marked unavailable before the backend starts (`deepspeed.ops` keeps one dict of
+    compatible ops, which its backend reads for that op alone)."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):  # not probed yet: no probe needed
+        deepspeed.ops.__compatible_ops__ = {}
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default: 100,000 elements, so
