@@ -44,7 +44,7 @@ class LoopbackReceiver:
                 return accepted
 
         self.server = Server(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown within 50 ms
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}/hooks"
 

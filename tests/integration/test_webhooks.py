@@ -43,7 +43,7 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown within 50 ms
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks"
 
     def times(self, webhook_id: str) -> list[float]:
