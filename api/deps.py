@@ -1,9 +1,9 @@
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Concatenate, ParamSpec, TypeVar
 
 from fastapi import Depends, Header, Query
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -43,6 +43,21 @@ def _autocommit(engine: Engine) -> Engine:
 
 
 ReadSession = Annotated[Session, Depends(_read_session)]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def read(query: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """For the hottest read routes: `query` runs in the thread pool on an autocommit connection (what a
+    ReadSession reads), taken and given back in that thread, with no session around it. One trip through the
+    thread pool per request, for the query and nothing else."""
+
+    def run() -> T:
+        with _autocommit(get_engine()).connect() as connection:
+            return query(connection, *args, **kwargs)
+
+    return await run_in_threadpool(run)
 
 
 async def principal(

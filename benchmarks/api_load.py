@@ -411,7 +411,8 @@ def measure(args, seeded: Seeded, base: str) -> tuple[list[LoadResult], dict[str
         single[f"{tenant} limit=100"] = single_request_ms(base, "/v1/fine_tuning/jobs?limit=100", key)
     if shutil.which("wrk") is None:
         print("wrk not found (apt-get install -y wrk): using the Python load generator", file=sys.stderr)
-    return [load(args, base, target) for target in targets(seeded)], single
+    chosen = [target for target in targets(seeded) if not args.only or any(part in target.name for part in args.only)]
+    return [load(args, base, target) for target in chosen], single
 
 
 def load(args, base: str, target: Target) -> LoadResult:
@@ -423,6 +424,12 @@ def load(args, base: str, target: Target) -> LoadResult:
     return result
 
 
+def process_counts(args) -> list[int]:
+    if args.scaling is None:
+        return sorted({1, args.processes, args.processes * 2})
+    return sorted({int(count) for count in args.scaling.split(",") if int(count) > 0})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.api_load", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs of the polled tenant")
@@ -431,6 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8, help="connections the load tool keeps open")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads")
     parser.add_argument("--seconds", type=int, default=10, help="seconds of load per request kind")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="load only the requests whose name contains TEXT, e.g. --only 'jobs/{id}' (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--scaling",
+        default=None,
+        metavar="N,N,...",
+        help="API process counts for the GET-a-job table (default: 1, --processes and twice that; 0: skip it)",
+    )
     args = parser.parse_args(argv)
     from shared import migrate
 
@@ -446,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         with api_server(url, args.processes, Path(scratch)) as base:
             results, single = measure(args, seeded, base)
         by_processes = {}
-        for processes in sorted({1, args.processes, args.processes * 2}):
+        for processes in process_counts(args):
             with api_server(url, processes, Path(scratch)) as base:
                 by_processes[processes] = load(args, base, targets(seeded)[0])
     print_report(args, results, single)

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import After, Caller, DbSession, ReadSession, SettingsDep, StorageDep, Tenant
+from api.deps import After, Caller, DbSession, ReadSession, SettingsDep, StorageDep, Tenant, read
 from api.docs import streamed
 from api.downloads import content_disposition
 from api.errors import ErrorResponse, declare
@@ -85,9 +85,11 @@ def _metadata_object(raw: str) -> dict[str, str]:
     return parsed
 
 
+# What clients poll. Async, so that the key check (cached) and the rendering stay on the event loop and only
+# the query goes through the thread pool.
 @router.get("/{job_id}", response_model=FineTuningJob)
-def retrieve_job(session: ReadSession, tenant: Tenant, job_id: str):
-    return rendered(FineTuningJob.of(service.get_job(session, tenant, job_id)))
+async def retrieve_job(tenant: Tenant, job_id: str):
+    return rendered(FineTuningJob.of(await read(service.read_job, tenant, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
@@ -106,11 +108,9 @@ def resume_job(session: DbSession, tenant: Tenant, job_id: str):
 
 
 @router.get("/{job_id}/events", response_model=Page[JobEventObject])
-def list_events(
-    session: ReadSession, tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)
-):
-    job = service.get_job(session, tenant, job_id)
-    events = service.list_events(session, job, after=after, limit=limit + 1)
+async def list_events(tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)):
+    # Polled beside the job: async, its two queries in one trip through the thread pool.
+    events = await read(service.read_events, tenant, job_id, after=after, limit=limit + 1)
     return rendered(Page[JobEventObject].of(events, limit, JobEventObject.of))
 
 
