@@ -5,20 +5,19 @@ import json
 import math
 import os
 import re
-import threading
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.basemodels.errors import UnknownBaseModel
+from shared.basemodels.marker import fingerprint, read_marker, write_marker
 from shared.basemodels.models import BaseModelRecord
 from shared.checksums import sha256_file
 from shared.errors import InvalidRequest
 from shared.ids import now
 from shared.storage import Storage
 
-_VERIFIED_MARKER = ".tunequeue-verified.json"
 # A base model's id names its folder in every worker's model store and its prefix in object storage: one path
 # component, never '/', '..', a space or empty. No ':' either: fine-tuned models are `ft:<base>:<suffix>:<job>`.
 BASE_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -157,11 +156,11 @@ def ensure_local_copy(
     otherwise cost every attempt a full read."""
     folder = model_folder(model_dir, record.id)
     folder.mkdir(parents=True, exist_ok=True)
-    verified = _read_marker(folder)
+    verified = read_marker(folder)
     wanted = {k: v for k, v in record.files.items() if only is None or k in only}
     for name, expected in wanted.items():
         path = folder / name
-        current = _fingerprint(path, expected)
+        current = fingerprint(path, expected)
         if current is not None and verified.get(name) == current:
             continue
         if not (path.is_file() and sha256_file(path) == expected):
@@ -169,37 +168,10 @@ def ensure_local_copy(
             if actual != expected:
                 path.unlink(missing_ok=True)
                 raise RuntimeError(f"model file {name} of {record.id} failed its checksum")
-        verified[name] = _fingerprint(path, expected)
-    _write_marker(folder, verified)
+        verified[name] = fingerprint(path, expected)
+    write_marker(folder, verified)
     return folder
 
 
-def _fingerprint(path: Path, sha256: str) -> dict | None:
-    """What the marker records of a verified file: any write to it changes its size or modification time."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _read_marker(folder: Path) -> dict:
-    try:
-        marker = json.loads((folder / _VERIFIED_MARKER).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    # An entry of another shape (an older marker kept only the sha256) is hashed again, once.
-    return (
-        {name: entry for name, entry in marker.items() if isinstance(entry, dict)} if isinstance(marker, dict) else {}
-    )
-
-
-def _write_marker(folder: Path, verified: dict) -> None:
-    """Atomically: validation and training may verify the same folder at once."""
-    partial = folder / f"{_VERIFIED_MARKER}.part-{os.getpid()}-{threading.get_ident()}"
-    partial.write_text(json.dumps(verified, sort_keys=True))
-    partial.replace(folder / _VERIFIED_MARKER)
-
-
 def _mark_verified(folder: Path, files: dict) -> None:
-    _write_marker(folder, {name: _fingerprint(folder / name, sha256) for name, sha256 in files.items()})
+    write_marker(folder, {name: fingerprint(folder / name, sha256) for name, sha256 in files.items()})

@@ -14,7 +14,7 @@ from shared.datasets.tokenization import Encoded
 from worker.training import checkpointing
 from worker.training.config import TrainingConfig
 from worker.training.data import pack_rows, predicted_tokens
-from worker.training.evaluation import labelled_logits, token_loss_sum
+from worker.training.evaluation import labelled_loss_sum
 from worker.training.model import save_adapter
 
 Collate = Callable[[list[Encoded]], dict[str, torch.Tensor]]
@@ -108,7 +108,7 @@ class LocalEngine:
         count = max(1, sum(predicted_tokens(example) for example in batch))
         loss_sum, correct = 0.0, 0
         for part in micro_batches(batch, self.micro_batch_tokens):
-            part_loss, part_correct = token_loss_sum(*labelled_logits(self.model, self.collate(part)))
+            part_loss, part_correct = labelled_loss_sum(self.model, self.collate(part))
             (part_loss / count).backward()
             # .item() is a device sync point; once per micro-batch is fine at these step times.
             loss_sum, correct = loss_sum + float(part_loss.item()), correct + part_correct

@@ -38,19 +38,47 @@ def quantization_config(quantization: str, quant_storage_compute: bool = False):
 
 
 def load_base_model(path: Path, quantization: str = "nf4", quant_storage_compute: bool = False):
+    """4-bit on one device: from the quantised copy beside the base (`quantised_copy`), made on the first load.
+    ZeRO-3's layout (4-bit weights stored in the compute dtype) is quantised on every load."""
+    config = quantization_config(quantization, quant_storage_compute)
+    if quantization in ("nf4", "fp4") and not quant_storage_compute:
+        from worker.training import quantised_copy
+
+        copy = quantised_copy.copy_folder(path, quantised_copy_settings(config))
+        model = quantised_copy.load_or_build(copy, from_pretrained, lambda: from_pretrained(path, config))
+    else:
+        model = from_pretrained(path, config)
+    model.config.use_cache = False
+    keep_trainable_layout(model)
+    return model
+
+
+def from_pretrained(path: Path, quantization=None):
+    """`quantization` None: as the folder's config says (unquantised, or the settings a quantised copy keeps)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=quantization_config(quantization, quant_storage_compute),
+        # passed as None, it would override the settings a quantised copy's config keeps
+        **({"quantization_config": quantization} if quantization is not None else {}),
         dtype=compute_dtype(),
         device_map=device(),
         use_safetensors=True,  # weights from the model store only, never pickles
         trust_remote_code=False,  # and never code shipped with a model
     )
-    model.config.use_cache = False
-    keep_trainable_layout(model)
-    return model
+
+
+def quantised_copy_settings(config) -> dict:
+    """Everything besides the base's files that decides the quantised bytes or how they load."""
+    import bitsandbytes
+    import transformers
+
+    return {
+        "quantization": config.to_dict(),
+        "compute_dtype": str(compute_dtype()),
+        "device": device(),
+        "versions": [torch.__version__, transformers.__version__, bitsandbytes.__version__],
+    }
 
 
 def keep_trainable_layout(model) -> None:
