@@ -97,3 +97,24 @@ def test_an_unfinished_copy_is_never_used(base):
     model = load_base_model(base, "nf4")
     assert loaded_from(model) == base
     assert copies(base) == [copy] and (copy / quantised_copy.CONTENTS).is_file()
+
+
+def test_a_copy_without_the_model_is_never_used_nor_written(base):
+    # Under torchrun, transformers saves on rank 0 only: another rank's save leaves an empty folder, which must
+    # neither be kept as a copy nor, found in place, be read as one.
+    load_base_model(base, "nf4")
+    [copy] = copies(base)
+    shutil.rmtree(copy)
+    copy.mkdir()
+    (copy / quantised_copy.CONTENTS).write_text("{}")
+    model = load_base_model(base, "nf4")
+    assert loaded_from(model) == base
+    assert copies(base) == [copy] and quantised_copy.is_whole(copy)
+
+    class SavesNothing:
+        def save_pretrained(self, folder, **_):
+            Path(folder).mkdir(parents=True)
+
+    shutil.rmtree(copy)
+    quantised_copy.write(SavesNothing(), copy)
+    assert copies(base) == []  # neither a copy nor a partial folder left

@@ -52,7 +52,7 @@ def is_whole(folder: Path) -> bool:
         return False
     try:
         contents = json.loads((folder / CONTENTS).read_text())
-        if all(sha256_file(folder / name) == sha256 for name, sha256 in contents.items()):
+        if is_model(contents) and all(sha256_file(folder / name) == sha256 for name, sha256 in contents.items()):
             return True
     except (OSError, ValueError, AttributeError):
         pass
@@ -66,6 +66,9 @@ def write(model, folder: Path) -> None:
     try:
         model.save_pretrained(partial, safe_serialization=True)
         contents = {p.name: sha256_file(p) for p in sorted(partial.iterdir()) if p.is_file()}
+        if not is_model(contents):  # a rank other than 0 of a torchrun job: transformers saves on rank 0 only
+            discard(partial)
+            return
         (partial / CONTENTS).write_text(json.dumps(contents, sort_keys=True))
         partial.rename(folder)
     except OSError:
@@ -74,6 +77,11 @@ def write(model, folder: Path) -> None:
             return
         discard(partial)
         raise
+
+
+def is_model(contents: dict[str, str]) -> bool:
+    """A config and weights among the files: what `from_pretrained` needs to read the copy back."""
+    return KEY_FILES[0] in contents and any(name.endswith(".safetensors") for name in contents)
 
 
 def discard(folder: Path) -> None:
