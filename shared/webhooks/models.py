@@ -41,4 +41,7 @@ class WebhookDelivery(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     next_attempt_at: Mapped[int] = mapped_column(BigInteger)
     delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Unix milliseconds before which no process may send it: the lease of an attempt in flight, then the time
+    # its retry is due. Taken by one UPDATE (`service.claim`), so two processes never send it at once.
+    claimed_until_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     history: Mapped[list] = mapped_column(JSON, default=list)

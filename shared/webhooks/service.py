@@ -215,6 +215,9 @@ def attempt_delivery(delivery_id: str) -> tuple[str, float]:
             return "pending", wait
         endpoint_id, url, payload = endpoint.id, endpoint.url, delivery.payload
         secret = stored_secrets.decrypt(endpoint.secret)
+    held = claim(delivery_id)
+    if held is not None:  # another process is sending it, or holds its retry: look again when that ends
+        return held
     timestamp = str(now())  # fresh per attempt; the webhook-id stays the same so receivers can deduplicate
     headers = {
         "content-type": "application/json",
@@ -225,6 +228,40 @@ def attempt_delivery(delivery_id: str) -> tuple[str, float]:
     }
     outcome = sender.post(url, payload.encode(), headers, get_settings().webhook_timeout_seconds)
     return _record_attempt(delivery_id, endpoint_id, outcome)
+
+
+# How long past an attempt's own deadline its claim lasts: time to record the outcome. A process that dies
+# mid-attempt holds the delivery this much longer before another may send it.
+CLAIM_GRACE_SECONDS = 15.0
+
+
+def claim(delivery_id: str) -> tuple[str, float] | None:
+    """Takes the delivery for one attempt, or says why not. Several processes may hold the same delivery id
+    (its sender, and every worker that starts while it is pending and re-dispatches it); one UPDATE decides
+    which one sends, so a receiver gets one request per attempt. None: taken, send now. Otherwise the
+    delivery's status, and when a pending one is worth looking at again: once the claim held elsewhere ends
+    (the attempt in flight is over, or its retry falls due)."""
+    clock_ms = int(time.time() * 1000)
+    lease_ms = int((get_settings().webhook_timeout_seconds + CLAIM_GRACE_SECONDS) * 1000)
+    free = WebhookDelivery.claimed_until_ms.is_(None) | (WebhookDelivery.claimed_until_ms <= clock_ms)
+    with session_scope() as session:
+        taken = session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending", free)
+            .values(claimed_until_ms=clock_ms + lease_ms)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        if taken:
+            return None
+        row = session.execute(
+            select(WebhookDelivery.status, WebhookDelivery.claimed_until_ms).where(WebhookDelivery.id == delivery_id)
+        ).first()
+    if row is None:
+        return "gone", 0.0
+    status, until_ms = row
+    if status != "pending":
+        return status, 0.0
+    return "pending", max((until_ms or clock_ms) - clock_ms, 50) / 1000
 
 
 def _record_attempt(delivery_id: str, endpoint_id: str, outcome: sender.Outcome) -> tuple[str, float]:
@@ -251,7 +288,9 @@ def _record_attempt(delivery_id: str, endpoint_id: str, outcome: sender.Outcome)
             delivery.status = "failed"
             return "failed", 0.0
         delay = retry_delay(delivery.attempts, settings.webhook_retry_base_seconds)
-        delivery.next_attempt_at = math.ceil(time.time() + delay)  # whole seconds, like every timestamp
+        clock = time.time()
+        delivery.next_attempt_at = math.ceil(clock + delay)  # whole seconds, like every timestamp
+        delivery.claimed_until_ms = int((clock + delay) * 1000)  # no process sends it before then
         _backoff.failed(endpoint_id, failures)
         return "pending", delay
 

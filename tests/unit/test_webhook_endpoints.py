@@ -163,3 +163,48 @@ def test_redispatch_takes_tenants_in_turn_and_waits_for_each_next_attempt(world)
     assert order == ["a1", "b1", "c1", "a2", "b2", "a3", "a-later"], order
     arrival_of_later = time.time() - (time.monotonic() - at.received[-1][2])
     assert arrival_of_later >= later - 0.05, "sent before its next attempt was due"
+
+
+def test_deliveries_held_by_two_processes_are_sent_once_per_attempt(world):
+    """A worker that starts while another process still holds a pending delivery (sending it, or waiting for
+    its retry) re-dispatches it too: the claim lets one of them send each attempt."""
+    from shared.webhooks.delivery import DeliveryPool
+    from shared.webhooks.service import attempt_delivery
+
+    _, receiver = world
+    failing_once = {"left": 2}
+
+    def fail_twice_then_succeed(handler, at):
+        status = 500 if failing_once["left"] > 0 else 200
+        failing_once["left"] -= 1
+        handler.send_response(status)
+        handler.send_header("content-length", "0")
+        handler.end_headers()
+
+    at = LoopbackReceiver(respond=fail_twice_then_succeed)
+    try:
+        endpoint = add_endpoint("tenant-a", at.url)
+        ids = [add_delivery(endpoint, job_id=f"job{n}") for n in range(3)]
+        pools = [DeliveryPool(attempt_delivery, senders=2) for _ in range(2)]
+        for delivery_id in ids:
+            for pool in pools:
+                pool.submit(delivery_id)
+        rows = wait_until(lambda: _settled(ids), timeout=20, what="all three delivered")
+        assert [status for status, _ in rows] == ["delivered"] * 3
+        time.sleep(0.3)  # nothing more arrives once they are delivered
+        per_id: dict[str, int] = {}
+        for headers, _, _ in at.received:
+            per_id[headers["webhook-id"]] = per_id.get(headers["webhook-id"], 0) + 1
+        assert per_id == {delivery_id: attempts for delivery_id, (_, attempts) in zip(ids, rows)}, (per_id, rows)
+        assert len(at.received) == 2 + 3  # two failures, then one success each
+    finally:
+        at.close()
+
+
+def _settled(ids: list[str]) -> list[tuple[str, int]] | None:
+    from shared.db import session_scope
+    from shared.webhooks.models import WebhookDelivery
+
+    with session_scope() as session:
+        rows = [(d.status, d.attempts) for d in (session.get(WebhookDelivery, i) for i in ids)]
+    return rows if all(status != "pending" for status, _ in rows) else None
