@@ -83,6 +83,7 @@ def test_an_endpoint_failing_in_a_row_is_disabled_then_enabled_by_its_tenant(wor
     assert shown["disabled_at"] and shown["consecutive_failures"] >= 3, shown
     assert "failed attempts in a row" in shown["disabled_reason"] and "HTTP 500" in shown["disabled_reason"]
     assert f"/v1/webhooks/{endpoint}/enable" in shown["disabled_reason"]
+
     # An attempt already in flight when the breaker tripped still ends (and counts): wait until none is left.
     def settled():
         deliveries = a.get(f"/v1/webhooks/{endpoint}/deliveries").json()["data"]
@@ -195,7 +196,10 @@ def test_deliveries_held_by_two_processes_are_sent_once_per_attempt(world):
         per_id: dict[str, int] = {}
         for headers, _, _ in at.received:
             per_id[headers["webhook-id"]] = per_id.get(headers["webhook-id"], 0) + 1
-        assert per_id == {delivery_id: attempts for delivery_id, (_, attempts) in zip(ids, rows)}, (per_id, rows)
+        assert per_id == {delivery_id: attempts for delivery_id, (_, attempts) in zip(ids, rows, strict=True)}, (
+            per_id,
+            rows,
+        )
         assert len(at.received) == 2 + 3  # two failures, then one success each
     finally:
         at.close()
