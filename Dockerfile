@@ -43,6 +43,11 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM runtime AS worker
 
+# jemalloc, which the worker preloads into the recipe's processes (TUNEQUEUE_TRAINING_ALLOCATOR=auto).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
+
 # Optional PyTorch wheel index URL (e.g. the CPU-only or a specific CUDA index).
 # Empty by default: the standard index, whose Linux wheels bundle CUDA.
 ARG TORCH_INDEX=""

@@ -15,6 +15,7 @@ or peak CUDA memory (GPU)."""
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -23,10 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.settings import get_settings
+from worker.runner import allocator
 from worker.training.reporter import parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARISON_MAX_LENGTH = 512
+
+
+def recipe_env() -> dict[str, str]:
+    """The environment a worker gives the recipe's processes: the allocator it preloads."""
+    return {**os.environ, **allocator.environment(get_settings().training_allocator, dict(os.environ))}
 
 
 def base_model() -> Path:
@@ -66,6 +74,7 @@ def run_variant(model: Path, lines: list[str], batch_size: int, **options) -> di
             capture_output=True,
             text=True,
             cwd=ROOT,
+            env=recipe_env(),
         )
         wall = time.monotonic() - started
     if result.returncode != 0:
@@ -105,7 +114,7 @@ def recipe_against_trl(model: Path, data: Path, heldout: Path, batch_size: int, 
     config = out.parent / "recipe.json"
     config.write_text(json.dumps(settings))
     command = [sys.executable, "-m", "worker.training", "--config", str(config), "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=recipe_env())
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
@@ -115,12 +124,13 @@ def recipe_against_trl(model: Path, data: Path, heldout: Path, batch_size: int, 
     return {**done, "real_tokens": tokens, "loop_seconds": seconds, "steps": len(steps), "adapter": out / "adapter"}
 
 
-def trl_against_recipe(model: Path, data: Path, batch_size: int, out: Path) -> dict:
+def trl_against_recipe(model: Path, data: Path, batch_size: int, out: Path, env: dict[str, str] | None = None) -> dict:
+    """TRL as its user runs it (`env` None), or with the recipe's environment (its allocator), like for like."""
     command = [
         sys.executable, "-m", "benchmarks.trl_peer", "--base", str(model), "--data", str(data), "--out", str(out),
         "--batch-size", str(batch_size), "--max-length", str(COMPARISON_MAX_LENGTH), "--seed", "0",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "adapter": out / "adapter"}
@@ -169,39 +179,51 @@ def against_trl(model: Path, examples: int, batch_size: int) -> None:
     lines = mixed_length_lines(examples)
     heldout = ROOT / "tunequeue/sample/heldout.jsonl"
     check_disjoint(lines, heldout)
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "train.jsonl"
         data.write_text("\n".join(lines) + "\n")
-        trl = trl_against_recipe(model, data, batch_size, Path(scratch) / "trl" / "out")
-        print(f"TRL: {json.dumps(trl, default=str)}", file=sys.stderr)
-        ours = recipe_against_trl(model, data, heldout, batch_size, Path(scratch) / "recipe" / "out")
-        print(f"recipe: {json.dumps(ours, default=str)}", file=sys.stderr)
+        runs[TRL] = trl_against_recipe(model, data, batch_size, Path(scratch) / "trl" / "out")
+        if recipe_env().get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
+            same_allocator = trl_against_recipe(model, data, batch_size, Path(scratch) / "trl-a" / "out", recipe_env())
+            runs[TRL_SAME_ALLOCATOR] = same_allocator
+        runs[OURS] = recipe_against_trl(model, data, heldout, batch_size, Path(scratch) / "recipe" / "out")
+        for name, run in runs.items():
+            print(f"{name}: {json.dumps(run, default=str)}", file=sys.stderr)
         base_loss = heldout_loss(model, None, heldout)
-        for run in (trl, ours):
+        for run in runs.values():
             run["heldout_loss"] = heldout_loss(model, run["adapter"], heldout)
     peak, flop_per_token = matmul_peak_gflops(), 4 * parameter_count(model)
-    print_against_trl(trl, ours, base_loss, peak, flop_per_token)
+    print_against_trl(runs, base_loss, peak, flop_per_token)
 
 
-def print_against_trl(trl: dict, ours: dict, base_loss: float, peak: float, flop_per_token: int) -> None:
+TRL, TRL_SAME_ALLOCATOR, OURS = "TRL SFTTrainer defaults", "TRL, the recipe's allocator preloaded", "tunequeue recipe"
+
+
+def print_against_trl(runs: dict[str, dict], base_loss: float, peak: float, flop_per_token: int) -> None:
     print(f"Against TRL's SFTTrainer (held-out assistant loss of the base: {base_loss:.3f})\n")
     print("| run | real tokens | loop s | real tokens/s | peak RSS MiB | held-out loss | of matmul peak |")
     print("|---|---|---|---|---|---|---|")
-    for name, run in (("TRL SFTTrainer defaults", trl), ("tunequeue recipe", ours)):
-        run["speed"] = run["real_tokens"] / run["loop_seconds"]
-        memory = run.get("peak_gpu_memory_mib") or run["peak_rss_mib"]
-        print(
-            f"| {name} | {run['real_tokens']} | {run['loop_seconds']:.1f} | {run['speed']:.1f} | {memory:.0f} "
-            f"| {run['heldout_loss']:.3f} | {run['speed'] * flop_per_token / 1e9 / peak:.1%} |"
-        )
+    ours = runs[OURS]
     memory_key = "peak_gpu_memory_mib" if ours.get("peak_gpu_memory_mib") else "peak_rss_mib"
-    print(
-        f"| ratio | | | **{ours['speed'] / trl['speed']:.2f}x** | **{ours[memory_key] / trl[memory_key]:.2f}x** "
-        f"| {ours['heldout_loss'] - trl['heldout_loss']:+.3f} | |"
-    )
+    for name, run in runs.items():
+        run["speed"] = run["real_tokens"] / run["loop_seconds"]
+        print(
+            f"| {name} | {run['real_tokens']} | {run['loop_seconds']:.1f} | {run['speed']:.1f} "
+            f"| {run[memory_key]:.0f} | {run['heldout_loss']:.3f} | {run['speed'] * flop_per_token / 1e9 / peak:.1%} |"
+        )
+    for name, peer in runs.items():
+        if name != OURS:
+            print(
+                f"| ratio to {name} | | | **{ours['speed'] / peer['speed']:.2f}x** "
+                f"| **{ours[memory_key] / peer[memory_key]:.2f}x** "
+                f"| {ours['heldout_loss'] - peer['heldout_loss']:+.3f} | |"
+            )
+    allocator_used = recipe_env().get("LD_PRELOAD") or "glibc malloc"
     print(
         f"\nmatmul peak: {peak:.0f} GFLOP/s; work per token: 4 x {flop_per_token // 4:,} parameters = "
-        f"{flop_per_token / 1e9:.2f} GFLOP (forward 2N, backward through the activations 2N)\n"
+        f"{flop_per_token / 1e9:.2f} GFLOP (forward 2N, backward through the activations 2N); the recipe's "
+        f"allocator: {allocator_used}\n"
     )
 
 

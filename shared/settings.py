@@ -10,7 +10,7 @@ and one validation reports every bad variable together."""
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TUNEQUEUE_"
@@ -166,6 +166,18 @@ class WorkerSettings(_Area):
         ge=0,
         description="Recipe processes kept ready (libraries loaded) per worker; unset: one per device slot; 0: off",
     )
+    training_allocator: str = Field(
+        default="auto",
+        description="Memory allocator preloaded into the recipe's processes: 'auto' (jemalloc where the system "
+        "has it, libjemalloc.so.2), 'system' (glibc's malloc), or the path of an allocator library",
+    )
+
+    @field_validator("training_allocator")
+    @classmethod
+    def _allocator_exists(cls, value: str) -> str:
+        if value not in ("auto", "system") and not Path(value).is_file():
+            raise ValueError(f"{value!r} is no file: give 'auto', 'system' or the path of an allocator library")
+        return value
 
 
 class Settings(DatabaseSettings, QueueSettings, StorageSettings, WebhookSettings, LimitSettings, WorkerSettings):

@@ -12,7 +12,9 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.settings import get_settings
 from shared.storage import Storage, StorageError, with_retries
+from worker.runner import allocator
 from worker.training.control import PAUSE_FILE_ENV
 from worker.training.process import PARENT_PID_ENV, die_when_parent_dies
 from worker.training.reporter import parse_line
@@ -39,6 +41,7 @@ def recipe_environment(device_env: dict[str, str], pause_file: Path | None) -> d
     return {
         # A GPU lease trains over NCCL, whatever DeepSpeed accelerator the worker itself was started with.
         **{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR" or device_env.get(k)},
+        **allocator.environment(get_settings().training_allocator, dict(os.environ)),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         PARENT_PID_ENV: str(os.getpid()),  # the recipe dies with this worker (PDEATHSIG)

@@ -34,6 +34,9 @@ class TrainingConfig(BaseModel):
         default=512, ge=0, description="tokens per forward and backward within a step (0: the whole batch)"
     )
     train_on_inputs: bool = defaults.TRAIN_ON_INPUTS
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each decoder layer in the backward: less memory, more compute"
+    )
 
     lora_r: int = Field(default=defaults.LORA_R, ge=1)
     lora_alpha: float = Field(default=defaults.LORA_ALPHA, gt=0)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from worker.training.dropout import use_lane_dropout
+
 
 def compute_dtype() -> torch.dtype:
     """bf16 where the hardware computes in it (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), float32
@@ -112,7 +114,9 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_lane_dropout(model)  # on a CPU: the same dropout with fewer random draws
+    return model
 
 
 def save_adapter(model, path: Path) -> None:

@@ -75,7 +75,10 @@ def lora_model(config: TrainingConfig):
     # ZeRO-3 partitions parameters, 4-bit ones included: PEFT's DeepSpeed guide stores them in the compute dtype.
     zero3 = distributed.active() and config.deepspeed_stage == 3
     model = load_base_model(config.base_model_path, config.quantization, quant_storage_compute=zero3)
-    return attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    model = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    if config.gradient_checkpointing:  # each layer's input kept, the rest recomputed in the backward
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def build_engine(config: TrainingConfig, model, collate: Collate, total_steps: int) -> TrainingEngine:

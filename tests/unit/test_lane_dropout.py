@@ -1,0 +1,95 @@
+"""LoRA dropout from 16-bit lanes of 64-bit draws: the drop rate asked for (to 1/65,536), kept values scaled,
+one independent mask per module, the gradient through the same mask, reproducible from the seed, so that
+gradient checkpointing's recomputation draws the same masks; identity in eval mode."""
+
+import math
+
+import pytest
+import torch
+
+from worker.training.dropout import LaneDropout, use_lane_dropout
+
+N = 512 * 576  # one micro-batch's input to a projection of SmolLM2-135M
+
+
+def test_drops_the_rate_asked_and_scales_what_it_keeps():
+    dropout = LaneDropout(0.05)
+    assert dropout.dropped_fraction == pytest.approx(0.05, abs=1 / 65536)
+    torch.manual_seed(0)
+    x = torch.rand(N) + 1.0  # never zero
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    sigma = math.sqrt(0.05 * 0.95 / N)
+    assert abs(dropped - dropout.dropped_fraction) < 5 * sigma
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / (1 - dropout.dropped_fraction))
+
+
+def test_two_modules_draw_independent_masks_and_the_seed_repeats_them():
+    a, b = LaneDropout(0.1), LaneDropout(0.1)
+    x = torch.ones(N)
+    torch.manual_seed(1)
+    first, second = a(x) == 0, b(x) == 0
+    both = (first & second).float().mean().item()
+    assert abs(both - 0.01) < 5 * math.sqrt(0.01 * 0.99 / N)  # independent: p squared
+    torch.manual_seed(1)
+    assert torch.equal(a(x) == 0, first)
+
+
+def test_the_gradient_goes_through_the_same_mask():
+    dropout = LaneDropout(0.2)
+    x = torch.randn(4096, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x)
+    y.backward(torch.ones_like(y))
+    expected = (y != 0).to(torch.bfloat16) / (1 - dropout.dropped_fraction)
+    assert torch.equal(x.grad, expected)
+
+
+def test_eval_mode_and_zero_rate_change_nothing():
+    x = torch.randn(1000)
+    assert torch.equal(LaneDropout(0.5).eval()(x), x)
+    assert torch.equal(LaneDropout(0.0)(x), x)
+
+
+def lora(tiny_model, dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base.config.use_cache = False
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
+    model = get_peft_model(base, config)
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+def gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_every_lora_dropout_is_replaced_and_checkpointing_recomputes_the_same_masks(tiny_model):
+    model = lora(tiny_model, 0.1)
+    layers = model.base_model.model.config.num_hidden_layers
+    assert use_lane_dropout(model) == 4 * layers
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules() if not isinstance(m, torch.nn.Identity))
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
+    plain = gradients(model, ids)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    inside_a_layer = model.base_model.model.model.layers[0].self_attn  # the layer's own hooks stay outside
+    inside_a_layer.register_forward_hook(lambda *_: calls.append(1))
+    recomputed = gradients(model, ids)
+    assert len(calls) == 2  # the layer ran again in the backward: checkpointing is on
+    for got, want in zip(recomputed, plain, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    without = lora(tiny_model, 0.0)  # no dropout at all: other gradients, so the masks did act
+    assert use_lane_dropout(without) == 0
+    assert not all(torch.allclose(a, b) for a, b in zip(gradients(without, ids), plain, strict=True))
