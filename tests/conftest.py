@@ -125,6 +125,20 @@ def postgres_url(postgres_admin):
     postgres_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+def migrated_database(request, tmp_path, monkeypatch) -> str:
+    """The service's settings on a migrated database of each kind (Postgres, SQLite); returns the kind."""
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TUNEQUEUE_DATABASE_URL", url)
+    from shared import migrate
+
+    migrate.upgrade(url=url)
+    return request.param
+
+
 @pytest.fixture
 def redis_url():
     import redis

@@ -33,6 +33,24 @@ TINY_LLAMA = dict(
 )
 
 
+def tiny_lora(tiny_model: Path, dtype=None, targets=("q_proj", "v_proj"), dropout: float = 0.0):
+    """The tiny Llama (tied, frozen embeddings) under PEFT with LoRA r=4, its LoRA B non-zero so that every
+    path carries gradient (PEFT starts B at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype or torch.float32)
+    base.config.use_cache = False
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets))
+    model = get_peft_model(base, config)
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
 def build_tiny_model(tokenizer_source: Path, target: Path, **shape) -> Path:
     """A random Llama with the demo model's tokenizer and chat template: by default 2 layers, about 3M
     parameters; `shape` (LlamaConfig fields) builds another, such as SmolLM2-135M's."""

@@ -11,18 +11,10 @@ from shared.ids import new_id
 PAGE = 7
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request, tmp_path, monkeypatch) -> str:
+@pytest.fixture
+def database(migrated_database) -> str:
     """The API's settings on a migrated database of each kind; returns the dialect's name."""
-    url = f"sqlite:///{tmp_path / 'lists.db'}"
-    if request.param == "postgres":
-        url = request.getfixturevalue("postgres_url")
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNEQUEUE_DATABASE_URL", url)
-    from shared import migrate
-
-    migrate.upgrade(url=url)
-    return request.param
+    return migrated_database
 
 
 def add_jobs(tenant: str, count: int, first_second: int = 1_700_000_000, metadata=lambda i: None) -> list[str]:

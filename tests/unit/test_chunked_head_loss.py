@@ -6,7 +6,7 @@ import torch
 
 from shared.datasets.tokenization import ChatTokenizer
 from shared.datasets.validation import CHAT
-from tests.support import chat
+from tests.support import chat, tiny_lora
 from worker.training import evaluation
 from worker.training.data import collate, collate_packed, masked
 from worker.training.evaluation import labelled_logits, labelled_loss_sum, token_loss_sum
@@ -19,18 +19,7 @@ def batch(tokenizer_dir):
 
 
 def lora_model(tiny_model, dtype: torch.dtype):
-    """The tiny Llama (tied, frozen embeddings) under PEFT, its LoRA B non-zero so every path carries gradient."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-    base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            torch.nn.init.normal_(parameter, std=0.05)
-    return model
+    return tiny_lora(tiny_model, dtype)
 
 
 def loss_and_gradients(model, inputs, loss_of) -> tuple[float, int, list[torch.Tensor]]:

@@ -5,7 +5,7 @@ import torch
 
 from shared.datasets.tokenization import ChatTokenizer
 from shared.datasets.validation import CHAT
-from tests.support import chat
+from tests.support import chat, tiny_lora
 from worker.training.data import IGNORE_INDEX, collate, collate_packed, masked
 from worker.training.evaluation import labelled_logits, token_loss_sum
 
@@ -19,17 +19,8 @@ def batch(tokenizer_dir):
 @pytest.fixture(scope="module")
 def lora_model(tiny_model):
     """The tiny Llama (tied embeddings) in float32 under PEFT, its LoRA B non-zero so every path carries gradient."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    base.config.use_cache = False
-    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied, as SmolLM2
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            torch.nn.init.normal_(parameter, std=0.05)
+    model = tiny_lora(tiny_model)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as SmolLM2
     return model
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.support import tiny_lora
 from worker.training.dropout import LaneDropout, use_lane_dropout
 
 N = 512 * 576  # one micro-batch's input to a projection of SmolLM2-135M
@@ -52,19 +53,7 @@ def test_eval_mode_and_zero_rate_change_nothing():
 
 
 def lora(tiny_model, dropout: float):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    base.config.use_cache = False
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
-    model = get_peft_model(base, config)
-    torch.manual_seed(0)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            torch.nn.init.normal_(parameter, std=0.05)
-    return model
+    return tiny_lora(tiny_model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=dropout)
 
 
 def gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -10,17 +10,9 @@ from shared.ids import new_id
 from tests.support import make_key
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def client(request, tmp_path, monkeypatch) -> TestClient:
+@pytest.fixture
+def client(migrated_database) -> TestClient:
     """The API on a migrated database of each kind, with a key of tenant `mine`."""
-    url = f"sqlite:///{tmp_path / 'reads.db'}"
-    if request.param == "postgres":
-        url = request.getfixturevalue("postgres_url")
-    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNEQUEUE_DATABASE_URL", url)
-    from shared import migrate
-
-    migrate.upgrade(url=url)
     from api.app import create_app
 
     with TestClient(create_app(), headers={"Authorization": f"Bearer {make_key('mine')}"}) as client:
