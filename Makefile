@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-warm bench-api gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -50,6 +50,10 @@ bench-warm: $(STAMP)
 # database with 10,000 jobs and 1,000,000 events, `tunequeue serve --workers 2`, wrk on loopback.
 bench-api: $(STAMP)
 	$(PY) -m benchmarks.api_load
+
+# The dashboard's pages, one request at a time, on the same seeded Postgres (10,000 jobs, 1,000,000 events).
+bench-ui: $(STAMP)
+	$(PY) -m benchmarks.ui_pages
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the

@@ -2,10 +2,11 @@ import logging
 
 from fastapi import Depends, FastAPI
 
-from api import docs, errors
+from api import docs, errors, ui
 from api.deps import principal, require_admin
 from api.limits import BodyLimit
-from api.routers import admin, files, health, jobs, models, webhooks
+from api.metrics import RequestMetrics
+from api.routers import admin, files, health, jobs, metrics, models, webhooks
 from shared.jobs import state
 from shared.webhooks.service import record_job_transition
 
@@ -25,11 +26,14 @@ def create_app() -> FastAPI:
     docs.install(app)
     errors.install(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestMetrics)  # counts BodyLimit's refusals, and the 500s RequestIds renders
     app.add_middleware(errors.RequestIds)  # added last: the outermost, so every response carries its id
     for router in (files.router, jobs.router, models.router, webhooks.router):
         app.include_router(router, dependencies=[Depends(principal)])
     app.include_router(admin.router, dependencies=[Depends(require_admin)])
+    app.include_router(metrics.router, dependencies=[Depends(require_admin)])
     app.include_router(health.router)
+    ui.install(app)  # the dashboard, after errors.install: its pages answer errors as pages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
 

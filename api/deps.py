@@ -1,13 +1,15 @@
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import lru_cache
+from hmac import compare_digest
 from typing import Annotated, Concatenate, ParamSpec, TypeVar
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Header, Query, Request
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from shared.auth.service import Principal, authenticate, recently_verified
+from shared.auth.sessions import SignedIn, signed_in
 from shared.db import get_engine, get_sessionmaker, session_scope
 from shared.errors import PermissionDenied, Unauthenticated
 from shared.settings import Settings, get_settings
@@ -60,12 +62,24 @@ async def read(query: Callable[Concatenate[Connection, P], T], *args: P.args, **
     return await run_in_threadpool(run)
 
 
+SESSION_COOKIE = "tq_session"  # the dashboard's sign-in (api/ui)
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 async def principal(
+    request: Request,
     authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
 ) -> Principal:
     """Every /v1 and /admin request. A key this process verified in the last TUNEQUEUE_API_KEY_CACHE_SECONDS
     is trusted again without a query (unless it has expired since); any other is read from the database, in
-    the thread pool. Revoking a key through this process takes effect on the next request."""
+    the thread pool. Revoking a key through this process takes effect on the next request.
+
+    Without an Authorization header, the dashboard's session cookie is the caller (its pages' scripts upload
+    files, create jobs and follow event streams through this API); a request that changes anything must
+    then also carry the session's CSRF token in X-CSRF-Token."""
+    if authorization is None and (token := request.cookies.get(SESSION_COOKIE)):
+        return await _session_principal(request, token)
     scheme, _, secret = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated(
@@ -77,6 +91,22 @@ async def principal(
     if found is None:
         raise Unauthenticated("Incorrect or revoked API key")
     return found
+
+
+async def _session_principal(request: Request, token: str) -> Principal:
+    found = await run_in_threadpool(_read_signed_in, token)
+    if found is None:
+        raise Unauthenticated("Your dashboard session has ended (signed out, or its key was revoked): sign in again")
+    if request.method not in SAFE_METHODS and not compare_digest(
+        request.headers.get(CSRF_HEADER, "").encode(), found.csrf_token.encode()
+    ):
+        raise PermissionDenied(f"A dashboard request that changes anything needs its {CSRF_HEADER} header")
+    return found.principal
+
+
+def _read_signed_in(token: str) -> SignedIn | None:
+    with session_scope() as session:
+        return signed_in(session, token)
 
 
 def _read_key(secret: str, remember_seconds: float) -> Principal | None:

@@ -1,6 +1,6 @@
 """Every ORM model, imported in one place so that metadata (Alembic, tests) sees all tables."""
 
-from shared.auth.models import ApiKey
+from shared.auth.models import ApiKey, UiSession
 from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
 from shared.files.models import File
@@ -19,6 +19,7 @@ __all__ = [
     "IdempotencyKey",
     "Job",
     "JobEvent",
+    "UiSession",
     "WebhookDelivery",
     "WebhookEndpoint",
     "WorkerHeartbeat",

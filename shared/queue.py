@@ -78,9 +78,12 @@ def publish_training(job_id: str, devices: int, priority: int) -> None:
 
 
 def queue_depth() -> int | None:
-    """Messages waiting in the validation and training queues (None if the broker cannot say)."""
+    """Messages waiting in the validation and training queues (None if the broker cannot say). A broker that is
+    away raises at once: one connection attempt, where kombu's default retries would hold the caller (the admin
+    overview, a metrics scrape) for seconds."""
     queues = [get_settings().queue_name] + [train_queue(size) for size in DEVICE_CLASSES]
     with get_celery().connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0)
         channel = connection.default_channel
         # kombu's virtual transports (Redis, SQLAlchemy) count messages with _size, all priority levels
         # included; a passive declare would instead fail on Redis when the queue is empty (no key).

@@ -43,6 +43,10 @@ class DatabaseSettings(_Area):
         "another process takes this long; through the same process, none); unset: 2 on Postgres, 0 on SQLite",
     )
 
+    ui_session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 30, description="How long a dashboard sign-in lasts before the key is asked again"
+    )
+
     @property
     def resolved_api_key_cache_seconds(self) -> float:
         # SQLite is a local file read, no round trip to save: every request reads the key, as before.
@@ -127,6 +131,11 @@ class LimitSettings(_Area):
     max_running_jobs_per_tenant: int = Field(default=8, ge=0, description="Jobs of one tenant training at once")
     max_tenant_priority: int = Field(
         default=5, ge=0, le=9, description="Highest job priority (0-9) a tenant key may set"
+    )
+    event_stream_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a job's event stream stays open; clients reconnect with Last-Event-ID",
     )
     max_messages_per_example: int = Field(default=1024, gt=0, description="Most messages in one chat example")
     max_tokens_per_example: int = Field(

@@ -1,13 +1,17 @@
 """The `tunequeue` command: where every process of the system starts (`tunequeue serve`, `tunequeue worker`,
-`tunequeue dev`, `tunequeue demo`) and how an operator migrates, imports base models and manages keys."""
+`tunequeue dev`, `tunequeue demo`), how an operator migrates, imports base models and manages keys, and how a
+user uploads data and runs jobs on a server (`tunequeue files`, `tunequeue jobs`, over HTTP only)."""
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tunequeue import __version__
-from tunequeue.commands import db, keys, models, processes, webhooks
+from tunequeue.commands.client import ClientError
+from tunequeue.commands.jobs import STATUSES, metadata_pair, page_size, seconds
 from tunequeue.console import EXIT_REFUSED, Refused, error
 
 EPILOG = "Exit codes: 0 done, 1 refused or failed (the reason is on stderr), 2 the command line is wrong."
@@ -99,6 +103,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "fine-tune the demo model on the sample data, end to end")
     demo.add_argument("--port", type=int, help="port for the demo's API server (default: a free port)")
     demo.add_argument("--epochs", type=int, default=3, help="training epochs")
+
+    def on_server(group, name: str, help: str) -> argparse.ArgumentParser:
+        """An action that talks to a tunequeue server over HTTP, needing no database."""
+        parser = action(group, name, help)
+        url = "the server (default: $TUNEQUEUE_URL, else `url` in the config file, else http://127.0.0.1:8000)"
+        parser.add_argument("--url", help=url)
+        key = "API key (default: $TUNEQUEUE_API_KEY, else `api_key` in the config file)"
+        parser.add_argument("--api-key", help=key)
+        parser.add_argument("--json", action="store_true", help="print the server's JSON instead of text")
+        return parser
+
+    server_files = actions(command("files", "upload training data to a tunequeue server"))
+    upload = on_server(server_files, "upload", "upload a JSONL file (chat, prompt/completion or text); prints its id")
+    upload.add_argument("path", type=Path, help="the .jsonl file")
+    upload.add_argument("--purpose", default="fine-tune", choices=["fine-tune"], help="the file's purpose")
+
+    server_jobs = actions(command("jobs", "create, follow and download fine-tuning jobs on a tunequeue server"))
+    create = on_server(server_jobs, "create", "create a fine-tuning job; prints its id")
+    create.add_argument("--model", required=True, help="the base model, as GET /v1/models lists it")
+    create.add_argument("--training-file", required=True, metavar="ID", help="an uploaded file's id (file-...)")
+    create.add_argument("--validation-file", metavar="ID", help="held-out data (default: 5%% of the training file)")
+    create.add_argument("--suffix", help="part of the fine-tuned model's name, ft:MODEL:SUFFIX:JOB")
+    create.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default: auto)")
+    create.add_argument("--learning-rate-multiplier", type=float, metavar="X", help="on the base rate (default: auto)")
+    create.add_argument("--batch-size", type=int, metavar="N", help="examples per step (default: auto)")
+    create.add_argument("--seed", type=int, metavar="N", help="makes the run reproducible (default: random)")
+    create.add_argument(
+        "--metadata", type=metadata_pair, nargs="+", action="extend", metavar="KEY=VALUE", help="labels for the job"
+    )
+    create.add_argument("--dry-run", action="store_true", help="check the data and estimate the run; create no job")
+    listing = on_server(server_jobs, "list", "list jobs, newest first")
+    listing.add_argument("--status", choices=STATUSES, help="only jobs in this status")
+    listing.add_argument("--limit", type=page_size, default=20, metavar="N", help="at most this many jobs")
+    listing.add_argument("--after", metavar="ID", help="start after this job (the last one of the previous page)")
+
+    def on_job(name: str, help: str) -> argparse.ArgumentParser:
+        parser = on_server(server_jobs, name, help)
+        parser.add_argument("job_id", metavar="ID", help="the job's id (ftjob-...)")
+        return parser
+
+    on_job("get", "show a job: status, progress, losses, result")
+    on_job("cancel", "cancel a job (a running one stops at its next check)")
+    on_job("pause", "pause a running job; it keeps its state")
+    on_job("resume", "resume a paused job from its saved state")
+    watch = on_job("watch", "follow a job live until it ends: exit 0 if it succeeded, 1 if it failed or was cancelled")
+    watch.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS", help="time between polls")
+    download = on_job("download", "download a succeeded job's adapter as a zip; prints its path")
+    download.add_argument("-o", "--output", type=Path, help="file or folder to write (default: ./ID-adapter.zip)")
     return parser
 
 
@@ -109,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
     try:
-        return HANDLERS[args.command](args) or 0
-    except Refused as exc:
+        return handler(args.command)(args) or 0
+    except (Refused, ClientError) as exc:
         error(name, str(exc))
     except TunequeueError as exc:
         error(name, exc.message)
@@ -119,17 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_REFUSED
 
 
+# Each command's handler, as module:function under tunequeue.commands, imported when the command runs: `files`
+# and `jobs` then start without the database and migration libraries the operator's commands load (0.2 s, not 0.8).
 HANDLERS = {
-    "db": db.run_db,
-    "models": models.run_models,
-    "serve": processes.run_serve,
-    "worker": processes.run_worker,
-    "dev": processes.run_dev,
-    "keys": keys.run_keys,
-    "webhooks": webhooks.run_webhooks,
-    "sweep": processes.run_sweep,
-    "demo": processes.run_demo,
+    "db": "db:run_db",
+    "models": "models:run_models",
+    "serve": "processes:run_serve",
+    "worker": "processes:run_worker",
+    "dev": "processes:run_dev",
+    "keys": "keys:run_keys",
+    "webhooks": "webhooks:run_webhooks",
+    "sweep": "processes:run_sweep",
+    "demo": "processes:run_demo",
+    "files": "files:run_files",
+    "jobs": "jobs:run_jobs",
 }
+
+
+def handler(command: str) -> Callable[[argparse.Namespace], int | None]:
+    module, function = HANDLERS[command].split(":")
+    return getattr(importlib.import_module(f"tunequeue.commands.{module}"), function)
+
 
 if __name__ == "__main__":
     sys.exit(main())

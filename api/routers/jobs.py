@@ -10,11 +10,13 @@ from api.docs import streamed
 from api.downloads import content_disposition
 from api.errors import ErrorResponse, declare
 from api.responses import rendered
+from api.streams import event_stream
 from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service
 from shared.jobs.estimate import dry_run
 from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject
+from shared.jobs.status import JobStatus
 from shared.pagination import Page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=declare(409, 422, 429))
@@ -57,9 +59,16 @@ async def create_job(
 
 @router.get("", response_model=Page[FineTuningJob])
 def list_jobs(
-    session: ReadSession, tenant: Tenant, http: Request, after: After = None, limit: int = Query(20, ge=1, le=100)
+    session: ReadSession,
+    tenant: Tenant,
+    http: Request,
+    after: After = None,
+    limit: int = Query(20, ge=1, le=100),
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status (tunequeue extension)")] = None,
 ):
-    jobs = service.list_jobs(session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http))
+    jobs = service.list_jobs(
+        session, tenant, after=after, limit=limit + 1, metadata=_metadata_filter(http), status=status
+    )
     return rendered(Page[FineTuningJob].of(jobs, limit, FineTuningJob.of))
 
 
@@ -107,8 +116,40 @@ def resume_job(session: DbSession, tenant: Tenant, job_id: str):
     return FineTuningJob.of(service.resume_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/events", response_model=Page[JobEventObject])
-async def list_events(tenant: Tenant, job_id: str, after: After = None, limit: int = Query(20, ge=1, le=1000)):
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[JobEventObject],
+    responses={
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'id: ftevent-1a2b\ndata: {"object": "fine_tuning.job.event", ...}\n\n',
+                }
+            },
+            "description": "A page of events, newest first; with `stream=true`, a server-sent event stream",
+        }
+    },
+)
+async def list_events(
+    request: Request,
+    tenant: Tenant,
+    job_id: str,
+    after: After = None,
+    limit: int = Query(20, ge=1, le=1000),
+    stream: bool = Query(
+        False,
+        description="Server-sent events instead of a page: every event from the first (or after `Last-Event-ID`), "
+        "oldest first, then new ones as they are written, `event: job` on each status or progress change, "
+        "`event: end` at a terminal status (tunequeue extension)",
+    ),
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=128, description="resume a stream after this event id"),
+    ] = None,
+):
+    if stream:
+        return await event_stream(request, tenant, job_id, last_event_id)
     # Polled beside the job: async, its two queries in one trip through the thread pool.
     events = await read(service.read_events, tenant, job_id, after=after, limit=limit + 1)
     return rendered(Page[JobEventObject].of(events, limit, JobEventObject.of))
@@ -122,6 +163,25 @@ def list_checkpoints(
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
     name = service.fine_tuned_model_name(job)
     return Page[CheckpointObject].of(checkpoints, limit, lambda c: CheckpointObject.of(c, name)).with_ids()
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/content",
+    response_class=StreamingResponse,
+    responses=streamed("application/zip", "the checkpoint as a zip; its sha256 in X-Checkpoint-SHA256"),
+)
+def checkpoint_content(session: DbSession, storage: StorageDep, tenant: Tenant, job_id: str, checkpoint_id: str):
+    """tunequeue's own: a checkpoint as a zip (the adapter at that step, and for a resumable one the optimizer,
+    schedule, RNG and data position it resumes from)."""
+    checkpoint = service.get_checkpoint(session, tenant, job_id, checkpoint_id)
+    return StreamingResponse(
+        storage.iter_chunks(checkpoint.storage_key),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": content_disposition(f"{job_id}-step-{checkpoint.step}.zip"),
+            "X-Checkpoint-SHA256": checkpoint.sha256,
+        },
+    )
 
 
 @router.get(

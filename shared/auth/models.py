@@ -1,4 +1,4 @@
-from sqlalchemy import BigInteger, Boolean, Index, String
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
@@ -21,3 +21,18 @@ class ApiKey(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # None: never
+
+
+class UiSession(Base):
+    """A dashboard sign-in: the browser holds a random token in a cookie; only its sha256 is stored. Bound to
+    the key that signed in: every page reads the key with the session, so a revoked or expired key ends the
+    session on its next request. `csrf_token` is sent back with every form that changes state."""
+
+    __tablename__ = "ui_sessions"
+    __table_args__ = (Index("ix_ui_sessions_key", "key_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie's token
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)

@@ -5,7 +5,7 @@ adapter, and the checkpoints, saved states and attempt logs that hold the same w
 The job's result file (purpose `fine-tune-results`, its metrics as CSV) stays: it is one of the tenant's Files,
 listed and deleted under /v1/files like any other, and it holds no weights."""
 
-from sqlalchemy import ColumnElement, Row, and_, delete, select
+from sqlalchemy import ColumnElement, Row, and_, delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
@@ -43,6 +43,19 @@ def list_models(session: Session, tenant: str) -> list[dict]:
     columns = columns.where(_is_tuned_model_of(tenant))
     models += [_fine_tuned(row) for row in session.execute(columns.order_by(Job.finished_at))]
     return models
+
+
+def tuned_models_page(session: Session, tenant: str, *, after: str | None, limit: int) -> list[tuple[str, dict]]:
+    """The tenant's fine-tuned models newest job first, one page by keyset on the job (the dashboard's list: a
+    tenant may have thousands), each with its job's id, which is the next page's cursor."""
+    columns = select(Job.id, Job.fine_tuned_model, Job.finished_at, Job.created_at, Job.tenant)
+    columns = columns.where(_is_tuned_model_of(tenant))
+    if after:
+        cursor = session.execute(select(Job.created_at, Job.id).where(Job.id == after, Job.tenant == tenant)).first()
+        if cursor is not None:
+            columns = columns.where(tuple_(Job.created_at, Job.id) < tuple_(cursor.created_at, cursor.id))
+    rows = session.execute(columns.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit))
+    return [(row.id, _fine_tuned(row)) for row in rows]
 
 
 def get_model(session: Session, tenant: str, model_id: str) -> dict:

@@ -14,6 +14,8 @@ class Job(Base):
         # Job lists: a tenant's newest first, by keyset on (created_at, id); the admin's, across tenants.
         Index("ix_jobs_tenant_created_id", "tenant", "created_at", "id"),
         Index("ix_jobs_created_id", "created_at", "id"),
+        # The admin's throughput (jobs ended in the last hour and day) and recent failures.
+        Index("ix_jobs_finished_at", "finished_at"),
         # The metadata filter on Postgres (JSONB containment); SQLite reads each job's metadata instead.
         Index("ix_jobs_user_metadata", text("(CAST(user_metadata AS JSONB))"), postgresql_using="gin").ddl_if(
             dialect="postgresql"

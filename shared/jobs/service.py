@@ -194,6 +194,34 @@ def read_events(connection: Connection, tenant: str, job_id: str, *, after: str 
     return [JobEvent(**row._mapping) for row in rows]
 
 
+def event_seq(connection: Connection, tenant: str, job_id: str, event_id: str) -> int:
+    """Where a stream resumes (`Last-Event-ID`): the tenant's job or 404, then the event's position in it or
+    404 naming the header."""
+    if connection.execute(select(Job.id).where(Job.id == job_id, Job.tenant == tenant)).first() is None:
+        raise JobNotFound(job_id)
+    seq = connection.scalars(
+        select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.public_id == event_id)
+    ).first()
+    if seq is None:
+        raise NotFound(
+            f"Last-Event-ID: job {job_id} has no event {event_id!r}; send the id of the last event received",
+            param="Last-Event-ID",
+            code="event_not_found",
+        )
+    return seq
+
+
+def read_events_since(
+    connection: Connection, tenant: str, job_id: str, *, after_seq: int, limit: int
+) -> tuple[Job, list[JobEvent]]:
+    """For a stream of a job's events: the job (shown columns, the tenant's or 404) and its events written
+    after position `after_seq`, oldest first, in two SELECTs on a plain connection."""
+    job = read_job(connection, tenant, job_id)
+    query = select(*JobEvent.__table__.columns).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+    rows = connection.execute(query.order_by(JobEvent.seq.asc()).limit(limit))
+    return job, [JobEvent(**row._mapping) for row in rows]
+
+
 def list_jobs(
     session: Session,
     tenant: str | None,
@@ -202,6 +230,7 @@ def list_jobs(
     limit: int,
     metadata: dict[str, str] | None = None,
     status: JobStatus | None = None,
+    model: str | None = None,
 ) -> list[Job]:
     """Newest first, one page in one query: the filters, the keyset and LIMIT all run in the database, so a
     page costs the same however many jobs the tenant has (index `ix_jobs_tenant_created_id`)."""
@@ -210,6 +239,8 @@ def list_jobs(
         query = query.where(Job.tenant == tenant)
     if status is not None:
         query = query.where(Job.status == status)
+    if model is not None:
+        query = query.where(Job.model == model)
     if metadata:
         query = query.where(metadata_matches(session, metadata))
     if after:
@@ -310,6 +341,19 @@ def list_checkpoints(session: Session, job: Job, *, after: str | None, limit: in
     return list(session.scalars(query.order_by(Checkpoint.step.desc(), Checkpoint.id.desc()).limit(limit)))
 
 
+def get_checkpoint(session: Session, tenant: str, job_id: str, checkpoint_id: str) -> Checkpoint:
+    """One of the tenant's job's checkpoints, or 404 (an id of another job is as unknown as a made-up one)."""
+    job = get_job(session, tenant, job_id)
+    checkpoint = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.id == checkpoint_id)
+    ).first()
+    if checkpoint is None:
+        raise NotFound(
+            f"Job {job_id} has no checkpoint {checkpoint_id!r}", param="checkpoint_id", code="checkpoint_not_found"
+        )
+    return checkpoint
+
+
 def _unknown_cursor(what: str, cursor: str, job: Job) -> NotFound:
     return NotFound(
         f"after: job {job.id} has no {what} {cursor!r}; pass the id of the last {what} of the previous page",
@@ -377,6 +421,12 @@ def counts_by_tenant(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
+def status_events(session: Session, job: Job, limit: int = 500) -> list[JobEvent]:
+    """A job's transitions, oldest first (the events that carry a status): its timeline, attempt by attempt."""
+    query = select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "message").order_by(JobEvent.seq)
+    return [event for event in session.scalars(query.limit(limit)) if (event.data or {}).get("status")]
+
+
 def running_jobs(session: Session) -> list[Job]:
     """Every tenant's, longest running first."""
     query = select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.started_at)
@@ -386,3 +436,13 @@ def running_jobs(session: Session) -> list[Job]:
 def recent_failures(session: Session, limit: int = 10) -> list[Job]:
     query = select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
     return list(session.scalars(query))
+
+
+def finished_since(session: Session, since: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Jobs that ended since each of the given times, by status (throughput over the last hour, the last day):
+    one query over the jobs that ended since the earliest time (index `ix_jobs_finished_at`)."""
+    counts = [func.count().filter(Job.finished_at >= at) for at in since.values()]
+    rows = session.execute(
+        select(Job.status, *counts).where(Job.finished_at >= min(since.values())).group_by(Job.status)
+    ).all()
+    return {name: {str(row[0]): int(row[i + 1]) for row in rows if row[i + 1]} for i, name in enumerate(since)}

@@ -3,10 +3,11 @@ the record of which job held which device when. Services flush; the caller commi
 
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.ids import now
+from shared.jobs.models import Job  # the models only: shared.jobs' services import this module
 from shared.workers.models import DeviceUsage, WorkerHeartbeat
 
 
@@ -54,3 +55,18 @@ def end_device_usage(session: Session, row_ids: list[int]) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def device_seconds_by_tenant(session: Session) -> dict[str, int]:
+    """Each tenant's device time, finished holds plus those still running: what its jobs have used."""
+    held = func.coalesce(DeviceUsage.ended_at_ms, int(time.time() * 1000)) - DeviceUsage.started_at_ms
+    rows = session.execute(
+        select(Job.tenant, func.sum(held)).join(Job, Job.id == DeviceUsage.job_id).group_by(Job.tenant)
+    )
+    return {tenant: int((total or 0) // 1000) for tenant, total in rows}
+
+
+def holds_of_job(session: Session, job_id: str) -> list[DeviceUsage]:
+    """Which worker held which devices for each attempt of a job, in the order they were taken."""
+    query = select(DeviceUsage).where(DeviceUsage.job_id == job_id).order_by(DeviceUsage.started_at_ms)
+    return list(session.scalars(query))

@@ -40,6 +40,8 @@ def key_headers(production_env, monkeypatch, tiny_model):
     # as a strategy that depends on outside state: they are tested where they are the subject.
     monkeypatch.setenv("TUNEQUEUE_WEBHOOK_MAX_ENDPOINTS_PER_TENANT", "1000000")
     monkeypatch.setenv("TUNEQUEUE_MAX_FILES_PER_TENANT", "1000000")
+    # Jobs here never run (no worker): a generated `stream=true` would follow one until the stream's limit.
+    monkeypatch.setenv("TUNEQUEUE_EVENT_STREAM_MAX_SECONDS", "0.5")
     for cached in (tq_settings.get_settings, db.get_engine, db.get_sessionmaker, storage.get_storage, queue.get_celery):
         cached.cache_clear()
     from shared import migrate

@@ -153,6 +153,7 @@ def page_costs(client: TestClient, job_ids: list[str]) -> list[tuple[int, int]]:
         "/v1/fine_tuning/jobs?limit=5",
         f"/v1/fine_tuning/jobs?limit=5&after={job_ids[len(job_ids) // 2]}",
         "/v1/fine_tuning/jobs?limit=5&metadata[team]=red",
+        "/v1/fine_tuning/jobs?limit=5&status=succeeded",
         f"/v1/fine_tuning/jobs/{job_ids[0]}/events?limit=5",
         f"/v1/fine_tuning/jobs/{job_ids[0]}/checkpoints?limit=5",
     ]
@@ -186,3 +187,5 @@ def test_a_page_costs_the_same_at_30_and_300_jobs(database):
     for statements, jobs_loaded in at_300:
         assert statements <= 4 and jobs_loaded <= 6  # the key, a cursor or the job, the page; limit + 1 rows
     assert few  # the first 30 still exist
+    assert client.get("/v1/fine_tuning/jobs?status=failed").json()["data"] == []  # the status filter, in SQL
+    assert len(client.get("/v1/fine_tuning/jobs?status=succeeded&limit=7").json()["data"]) == 7

@@ -21,6 +21,7 @@ TABLES = {
     "workers",
     "webhook_endpoints",
     "webhook_deliveries",
+    "ui_sessions",
     "alembic_version",
 }
 

@@ -1,7 +1,10 @@
 """The official `openai` SDK drives tunequeue unmodified: its own methods, its own types, its own errors,
 against the API and a Celery worker as real processes on Postgres + Redis + S3 (moto)."""
 
+import hashlib
+import io
 import time
+import zipfile
 
 import openai
 import pytest
@@ -103,6 +106,12 @@ def test_files_jobs_events_checkpoints_and_models(sdk, tmp_path):
     checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(job.id))
     assert all(isinstance(c, FineTuningJobCheckpoint) for c in checkpoints)
     assert set(checkpoints[0].metrics.to_dict()) == METRIC_KEYS and checkpoints[0].fine_tuning_job_id == job.id
+    for checkpoint in checkpoints:  # each as a zip, the bytes what was recorded (tunequeue's own route)
+        content = client_get(sdk, f"/fine_tuning/jobs/{job.id}/checkpoints/{checkpoint.id}/content")
+        assert content.status_code == 200 and content.headers["content-type"] == "application/zip"
+        assert hashlib.sha256(content.content).hexdigest() == content.headers["x-checkpoint-sha256"]
+        assert "adapter_config.json" in " ".join(zipfile.ZipFile(io.BytesIO(content.content)).namelist())
+    assert client_get(sdk, f"/fine_tuning/jobs/{job.id}/checkpoints/ftckpt-nope/content").status_code == 404
 
     assert done.fine_tuned_model in {m.id for m in sdk.models.list()}
     assert sdk.models.retrieve(done.fine_tuned_model).owned_by == "default"

@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 from openai.types.webhooks import FineTuningJobSucceededWebhookEvent
 
+from tests.integration.test_metrics import check_after_one_job
 from tests.support import chat, free_port, write_jsonl
 
 
@@ -100,6 +101,9 @@ def test_transitions_are_delivered_signed_and_retried(production_env, make_stack
         sdk.webhooks.verify_signature(body.replace(b"succeeded", b"failed"), headers, secret=secret)
     with pytest.raises(openai.InvalidWebhookSignatureError):
         sdk.webhooks.verify_signature(body, headers, secret="whsec_" + "A" * 44)
+
+    # Prometheus sees the same: the job, the worker, the 4 deliveries and the 2 failed attempts before them.
+    check_after_one_job(stack, stack.wait(job["id"]), delivered=4, failed_attempts=2)
 
 
 def deliveries_of(stack, endpoint: str) -> list[dict]:

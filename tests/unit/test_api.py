@@ -1,6 +1,7 @@
 """The API in-process on embedded defaults (SQLite, SQLAlchemy broker, local storage): shapes and bad input.
 No worker runs here, so jobs stay in validating_files; the worker paths are in tests/integration."""
 
+import itertools
 import json
 
 import pytest
@@ -217,6 +218,10 @@ def test_dry_run_reports_and_creates_nothing(client):
     assert report["format"] == "chat" and report["examples"] == 200
     assert 0 < report["loss_tokens"] < report["total_tokens"]
     assert report["length"]["p50"] <= report["length"]["p95"] <= report["length"]["max"]
+    bins = report["length"]["bins"]  # equal widths, end to end, every example in one
+    assert sum(b["examples"] for b in bins) == 200 and bins[0]["from"] == 0
+    assert all(a["to"] == b["from"] and b["to"] - b["from"] == bins[0]["to"] for a, b in itertools.pairwise(bins))
+    assert bins[-1]["from"] <= report["length"]["max"] < bins[-1]["to"]
     assert report["truncated_examples"] == 0 and report["duplicates"] == 0
     sample = report["sample"]
     assert any(s["trained"] and "Squawk!" in s["text"] for s in sample)

@@ -29,6 +29,7 @@ def test_import_contracts_are_kept():
         ("shared/ids.py", "import worker.slots", "tunequeue -> api | worker -> shared"),
         ("api/deps.py", "import worker.slots", "tunequeue -> api | worker -> shared"),
         ("worker/slots.py", "import torch", "only inside worker/training/"),
+        ("tunequeue/commands/terminal.py", "import shared.ids", "speak HTTP only"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(tmp_path, module, line, contract):

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 from shared.settings import Settings
 from tests.netguard import sitecustomize as netguard
 from tests.support import ROOT
-from tunequeue.cli import HANDLERS
+from tunequeue.cli import HANDLERS, build_parser
 
 TRAINING_STACK = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed"}
 DATA_SERVICES = {"postgres", "redis", "minio"}
@@ -125,11 +125,16 @@ def test_compose_publishes_only_the_api_and_on_loopback_by_default():
     defaults = {"TUNEQUEUE_API_BIND": "", "TUNEQUEUE_API_PORT": "", **dummy_credentials()}
     services = rendered_compose(defaults)["services"]
     published = {name for name, service in services.items() if service.get("ports")}
-    assert published == {"api"}
+    assert {name for name in published if not services[name].get("profiles")} == {"api"}
     assert services["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert published - {"api"} == {"grafana"}  # the monitoring profile's only published port, on loopback too
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert all("network_mode" not in service for service in services.values())
-    moved = rendered_compose({"TUNEQUEUE_API_BIND": "0.0.0.0", "TUNEQUEUE_API_PORT": "9443", **dummy_credentials()})
+    moved = rendered_compose(
+        {"TUNEQUEUE_API_BIND": "0.0.0.0", "TUNEQUEUE_API_PORT": "9443", "GRAFANA_PORT": "3300", **dummy_credentials()}
+    )
     assert moved["services"]["api"]["ports"] == ["0.0.0.0:9443:8000"]
+    assert moved["services"]["grafana"]["ports"] == ["127.0.0.1:3300:3000"]
 
 
 def test_data_services_sit_only_on_internal_networks():
@@ -151,7 +156,9 @@ def test_compose_has_no_hard_coded_credential():
     environments = [compose()["x-tunequeue-env"], *(s.get("environment") or {} for s in services.values())]
     for environment in environments:
         for key, value in environment.items():
-            if secret_name.search(key):
+            if key.endswith("__FILE"):  # names a file that monitoring-init writes into its volume, not a value
+                assert str(value).startswith("/secrets/"), f"{key}={value!r} is not in the secrets volume"
+            elif secret_name.search(key):
                 assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", str(value)), f"{key}={value!r} is not from .env"
     passwords = [p for value in strings(compose()) for p in re.findall(r"://[^:/@\s]*:(\$\{[^}]*\}|[^@\s]+)@", value)]
     assert len(passwords) >= 2  # the database and broker URLs
@@ -330,3 +337,121 @@ for command in (["models", "import-demo"], ["worker"]):  # the worker's commands
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ready" in result.stdout
     assert result.stderr.count("needs the worker's libraries (torch)") == 2, result.stderr[-3000:]
+
+
+MONITORING = ("monitoring-init", "prometheus", "grafana")
+DEPLOY = ROOT / "deploy"
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """A service's volumes: where each is mounted → its source (a named volume, or a path from the repository)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        found[target] = source.removeprefix("./")
+    return found
+
+
+def test_monitoring_profile_wires_prometheus_and_grafana_to_the_api():
+    spec = compose()
+    services = spec["services"]
+    assert {name: services[name].get("profiles") for name in MONITORING} == dict.fromkeys(MONITORING, ["monitoring"])
+    assert spec["networks"]["metrics"]["internal"] is True
+    assert "metrics" in services["api"]["networks"] and services["prometheus"]["networks"] == ["metrics"]
+
+    config_flag = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
+    prometheus_mounts = mounts(services["prometheus"])
+    assert prometheus_mounts[config_flag.split("=", 1)[1]] == "deploy/prometheus/prometheus.yml"
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["authorization"]["type"] == "Bearer"
+    assert job["static_configs"] == [{"targets": ["api:8000"]}]
+    assert services["api"]["command"][services["api"]["command"].index("--port") + 1] == "8000"
+    # the admin key: written by monitoring-init into the volume Prometheus reads it from
+    key_file = Path(job["authorization"]["credentials_file"])
+    assert prometheus_mounts[str(key_file.parent)] == mounts(services["monitoring-init"])[str(key_file.parent)]
+    init = services["monitoring-init"]["command"][0]
+    assert services["monitoring-init"]["entrypoint"][0] == "/bin/sh" and f"> {key_file}.new" in init
+    [command] = re.findall(r"\$\$\(tunequeue ([^)]*)\)", init)  # the key, from a command the CLI has
+    created = build_parser().parse_args(command.split())
+    assert (created.command, created.action, created.tenant, created.admin) == ("keys", "create", "monitoring", True)
+
+    grafana = services["grafana"]
+    password_file = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert f"> {password_file}.new" in init and mounts(grafana)[str(Path(password_file).parent)] == "monitoring-secrets"
+    assert mounts(grafana)["/etc/grafana/provisioning"] == "deploy/grafana/provisioning"
+    [provider] = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/tunequeue.yml").read_text())["providers"]
+    assert mounts(grafana)[provider["options"]["path"]] == "deploy/grafana/dashboards"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (
+        Path(home).parent == Path(provider["options"]["path"])
+        and (DEPLOY / "grafana/dashboards" / Path(home).name).is_file()
+    )
+    [source] = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and set(grafana["networks"]) >= {"metrics"}
+    uids = {panel["datasource"]["uid"] for panel in dashboard_panels()} | {
+        target["datasource"]["uid"] for panel in dashboard_panels() for target in panel["targets"]
+    }
+    assert uids == {source["uid"]}
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "tunequeue.json").read_text())
+
+
+def dashboard_panels() -> list[dict]:
+    return [panel for panel in dashboard()["panels"] if panel["type"] != "row"]
+
+
+METRIC = re.compile(r"\btunequeue_\w+")
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
+
+
+@pytest.fixture
+def exposed(tmp_path, monkeypatch) -> dict[str, set[str]]:
+    """Every sample name a scrape of a fresh embedded service shows (one worker heard from, one request made),
+    with the label names it carries."""
+    monkeypatch.setenv("TUNEQUEUE_DATA_DIR", str(tmp_path))
+    for key in ("TUNEQUEUE_DATABASE_URL", "TUNEQUEUE_BROKER_URL", "TUNEQUEUE_STORAGE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from shared import migrate
+    from shared.db import session_scope
+    from shared.workers.service import record_heartbeat
+    from tests.scraped import Scrape
+    from tests.support import make_key
+
+    migrate.upgrade()
+    with session_scope() as session:
+        slots = {"kind": "cpu", "total": 1, "free": 1, "devices": [0]}
+        record_heartbeat(session, "1@node", pid=1, started_at=0, current_jobs=[], info={"slots": slots})
+    client = TestClient(create_app(), headers={"Authorization": f"Bearer {make_key('ops', admin=True)}"})
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    names: dict[str, set[str]] = {}
+    for sample, labels in Scrape(response.text).samples:
+        names.setdefault(sample, set()).update(name for name, _ in labels)
+    return names
+
+
+def test_dashboard_queries_name_only_metrics_and_labels_the_service_exposes(exposed):
+    assert {"tunequeue_http_requests_total", "tunequeue_jobs", "tunequeue_worker_slots"} <= set(exposed)
+    spec = dashboard()
+    assert spec["uid"] == "tunequeue" and dashboard_panels()
+    variables = {variable["name"] for variable in spec["templating"]["list"]}
+    for panel in dashboard_panels():
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            metrics = set(METRIC.findall(expr))
+            assert metrics and metrics <= set(exposed), f"{panel['title']}: {metrics - set(exposed)} not exposed"
+            labels = {name for group in GROUPING.findall(expr) for name in re.findall(r"\w+", group)}
+            labels |= set(MATCHER.findall(expr))
+            known = set.union(*(exposed[metric] for metric in metrics)) | {"le"}
+            assert labels <= known, f"{panel['title']}: labels {labels - known} not on {metrics}"
+            used = {name for name in re.findall(r"\$(\w+)", expr) if not name.startswith("__")}
+            assert used <= variables, f"{panel['title']}: undefined variables {used - variables}"

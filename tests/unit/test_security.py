@@ -48,9 +48,10 @@ def world(tmp_path, monkeypatch, tiny_model):
         job = session.get(Job, done_id)
         job.status, job.attempt, job.fine_tuned_model, job.finished_at = "succeeded", 1, model, now()
         job.adapter_key, job.adapter_sha256 = adapter_key, "0" * 64
+        checkpoint_id = new_id("ftckpt")
         session.add(
             Checkpoint(
-                id=new_id("ftckpt"), job_id=done_id, attempt=1, step=5, metrics={}, storage_key=adapter_key,
+                id=checkpoint_id, job_id=done_id, attempt=1, step=5, metrics={}, storage_key=adapter_key,
                 sha256="0" * 64, created_at=now(),
             )
         )  # fmt: skip
@@ -61,6 +62,7 @@ def world(tmp_path, monkeypatch, tiny_model):
         "model_id": model,
         "endpoint_id": endpoint_id,
         "key_id": key_a.id,
+        "checkpoint_id": checkpoint_id,
         "attempt": "1",
     }
     yield clients, ids, job_id, app
@@ -94,12 +96,17 @@ def walk(routes):
 
 
 def api_routes(app):
-    routes = [r for r in walk(app.routes) if r.path not in ("/healthz", "/readyz")]
+    routes = [r for r in walk(app.routes) if r.path not in ("/healthz", "/readyz") and not is_page(r.path)]
     documented = {p for p in app.openapi()["paths"] if p not in ("/healthz", "/readyz")}
     assert {r.path.replace(":path", "") for r in routes} == documented  # the walk found every route
     for route in routes:
         for method in sorted(route.methods):
             yield method, route.path, route.param_convertors
+
+
+def is_page(path: str) -> bool:
+    """The dashboard's routes (outside the OpenAPI document): `test_every_page_hides_tenant_a_from_tenant_b`."""
+    return path == "/" or path == "/ui" or path.startswith("/ui/")
 
 
 def fill(path: str, convertors: dict, ids: dict) -> str:
@@ -116,7 +123,7 @@ def test_every_route_hides_tenant_a_from_tenant_b(world):
     covered = 0
     for method, template, convertors in api_routes(app):
         path = fill(template, convertors, ids)
-        if template.startswith("/admin"):
+        if template.startswith("/admin") or template == "/metrics":  # admin keys only
             for tenant_client in (a, b):
                 response = tenant_client.request(method, path, json={} if method == "POST" else None)
                 assert response.status_code == 403, (method, template, response.text)
@@ -149,6 +156,55 @@ def test_every_route_hides_tenant_a_from_tenant_b(world):
     assert a.get(f"/v1/models/{ids['model_id']}").status_code == 200
     assert [e["id"] for e in a.get("/v1/webhooks").json()["data"]] == [ids["endpoint_id"]]
     assert a.get("/v1/fine_tuning/jobs").status_code == 200  # A's key was not revoked
+
+
+def signed_in(app, secret: str) -> tuple[TestClient, str]:
+    """A browser-like client signed in to the dashboard with this key, and its session's CSRF token."""
+    client = TestClient(app, follow_redirects=False)
+    assert client.post("/ui/sign-in", data={"api_key": secret, "next": "/ui/jobs"}).status_code == 303
+    page = client.get("/ui/jobs").text
+    return client, page.split('data-csrf="', 1)[1].split('"', 1)[0]
+
+
+def test_every_page_hides_tenant_a_from_tenant_b(world):
+    """The dashboard's pages and forms, from the route table as above: another tenant's object is a 404 on a
+    page and a form alike, admin pages are 403 for tenant keys, and a form without its CSRF token is 403."""
+    clients, ids, validating_job, app = world
+    secrets_ = {k: v for k, v in ids.items() if k not in ("attempt",)}
+    a, a_csrf = signed_in(app, secret_of(clients["a"]))
+    b, b_csrf = signed_in(app, secret_of(clients["b"]))
+    ids = {**ids, "action": "cancel", "job_id": validating_job}
+    covered = 0
+    for route in walk(app.routes):
+        if not is_page(route.path) or route.path.startswith("/ui/sign-") or route.path in ("/", "/ui", "/ui/"):
+            continue
+        path = fill(route.path, route.param_convertors, ids)
+        for method in sorted(route.methods):
+            form = {"csrf_token": b_csrf, "model_id": ids["model_id"], "tenant": "tenant-b"}
+            response = b.request(method, path, data=form if method == "POST" else None)
+            if route.path.startswith("/ui/admin"):
+                assert response.status_code == 403, (method, route.path, response.status_code)
+            elif route.param_convertors or route.path == "/ui/models/delete":
+                assert response.status_code == 404, (method, route.path, response.status_code)
+                if method == "GET":  # the control: the owner sees it
+                    assert a.get(path).status_code == 200, route.path
+            else:
+                assert response.status_code == 200, (method, route.path, response.status_code)
+                leaked = [name for name, value in secrets_.items() if value in response.text]
+                assert not leaked, f"{route.path} shows tenant A's {leaked} to tenant B"
+            covered += 1
+    assert covered >= 14
+    # Nothing of A's changed, and A's own form without the token is refused.
+    assert clients["a"].get(f"/v1/fine_tuning/jobs/{validating_job}").json()["status"] == "validating_files"
+    assert clients["a"].get(f"/v1/models/{ids['model_id']}").status_code == 200
+    refused = a.post(f"/ui/jobs/{validating_job}/cancel", data={"csrf_token": b_csrf})
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    assert a.post(f"/ui/jobs/{validating_job}/cancel", data={"csrf_token": a_csrf}).status_code == 303
+    assert clients["a"].get(f"/v1/fine_tuning/jobs/{validating_job}").json()["status"] == "cancelled"
+
+
+def secret_of(client: TestClient) -> str:
+    return client.headers["Authorization"].removeprefix("Bearer ")
 
 
 def test_server_owned_fields_are_refused_or_ignored(world):

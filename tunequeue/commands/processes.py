@@ -1,9 +1,13 @@
 """The long-running processes: the API server, a worker, both at once (`dev`), the sweeper, and the demo."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shared import migrate
 from shared.settings import get_settings
@@ -17,8 +21,33 @@ def run_serve(args) -> int:
         migrate.upgrade()
     require_current_schema()
     describe_deployment()
-    uvicorn.run("api.app:app", host=args.host, port=args.port, log_level="info", workers=getattr(args, "workers", 1))
+    with shared_metrics_folder():
+        uvicorn.run(
+            "api.app:app", host=args.host, port=args.port, log_level="info", workers=getattr(args, "workers", 1)
+        )
     return 0
+
+
+METRICS_FOLDER_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def shared_metrics_folder() -> Iterator[None]:
+    """Where the API processes write their request counts, for /metrics to add up (docs/metrics.md): a scrape
+    reaches one process of `--workers N`, and must answer for all of them. Set here, before uvicorn imports the
+    app in this process or starts the others, since prometheus_client reads it at import. A fresh, empty folder
+    per server, removed when it stops: counts start at zero with the server, as Prometheus expects of a target
+    that restarts. A folder the operator set is used as it is (and must be emptied before each start)."""
+    if os.environ.get(METRICS_FOLDER_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="tunequeue-metrics-")
+    os.environ[METRICS_FOLDER_ENV] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop(METRICS_FOLDER_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def describe_deployment() -> None:
@@ -83,6 +112,8 @@ def run_dev(args) -> int:
     migrate.upgrade()
     hint_if_no_models()
     first_key()
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"Dashboard: http://{host}:{args.port}/ui (sign in with an API key)", file=sys.stderr)
     worker = subprocess.Popen(worker_command())
     try:
         return run_serve(args)
