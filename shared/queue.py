@@ -81,6 +81,12 @@ def queue_depth() -> int | None:
     """Messages waiting in the validation and training queues (None if the broker cannot say). A broker that is
     away raises at once: one connection attempt, where kombu's default retries would hold the caller (the admin
     overview, a metrics scrape) for seconds."""
+    depths = queue_depths()
+    return None if depths is None else sum(depths.values())
+
+
+def queue_depths() -> dict[str, int] | None:
+    """`queue_depth`, queue by queue: the validation queue, then one training queue per device class."""
     queues = [get_settings().queue_name] + [train_queue(size) for size in DEVICE_CLASSES]
     with get_celery().connection_for_read() as connection:
         connection.ensure_connection(max_retries=0)
@@ -89,8 +95,8 @@ def queue_depth() -> int | None:
         # included; a passive declare would instead fail on Redis when the queue is empty (no key).
         size = getattr(channel, "_size", None)
         if size is not None:
-            return sum(int(size(queue)) for queue in queues)
-        return sum(int(channel.queue_declare(queue=q, passive=True).message_count) for q in queues)
+            return {queue: int(size(queue)) for queue in queues}
+        return {queue: int(channel.queue_declare(queue=queue, passive=True).message_count) for queue in queues}
 
 
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")

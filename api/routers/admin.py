@@ -19,7 +19,7 @@ from shared.jobs import service as jobs
 from shared.jobs.schemas import FineTuningJob, TenantJob
 from shared.jobs.status import JobStatus
 from shared.pagination import Listing, Page
-from shared.queue import queue_depth
+from shared.queue import queue_depths
 from shared.settings import get_settings
 from shared.workers import service as workers
 
@@ -31,12 +31,13 @@ router = APIRouter(prefix="/admin", tags=["admin"], responses=declare(403, 409))
 @router.get("/overview")
 def overview(session: DbSession):
     try:
-        depth = queue_depth()
+        depths = queue_depths()
     except Exception:  # the broker being away must not take the overview down with it
-        depth = None
+        depths = None
     return {
         "jobs_by_status": jobs.counts_by_status(session),
-        "queue_depth": depth,
+        "queue_depth": None if depths is None else sum(depths.values()),
+        "queue_depths": depths,  # by queue: validation, then training by device class
         "workers": [
             {
                 "hostname": w.hostname,

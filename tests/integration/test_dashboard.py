@@ -140,6 +140,27 @@ def test_the_dashboard_in_a_real_browser(browser, production_env, make_stack, ti
     assert refused.status == 403 and "CSRF" in refused.text()
     assert stack.client.get(f"/v1/fine_tuning/jobs/{long_job}", headers=as_acme).json()["status"] != "cancelled"
 
+    # Upload with the files page (progress bar, then the list), then create a job with the form: its check
+    # shows the validation report and the estimate before Create is allowed.
+    alice.page.goto("/ui/files")
+    alice.page.set_input_files("#upload input[type=file]", str(write_jsonl(tmp_path / "small.jsonl", records[:20])))
+    alice.page.click("#upload button[type=submit]")
+    alice.wait_until(lambda: "small.jsonl" in alice.page.inner_text("main table"), "the uploaded file in the list")
+    files = stack.client.get("/v1/files", headers=as_acme).json()["data"]
+    small_id = next(f["id"] for f in files if f["filename"] == "small.jsonl")
+    alice.page.goto("/ui/jobs/new")
+    assert alice.page.is_disabled("#create")
+    alice.page.select_option("select[name=training_file]", value=small_id)
+    alice.page.fill("input[name=suffix]", "from-form")
+    alice.page.fill("input[name=n_epochs]", "1")
+    alice.page.click("#check")
+    alice.wait_until(lambda: alice.page.is_visible("#report"), "the dry run's report")
+    report = alice.page.inner_text("#report")
+    assert "Examples\n20" in report and "estimated time" in report, report
+    alice.page.click("#create")
+    alice.page.wait_for_url(re.compile(r".*/ui/jobs/ftjob-[0-9a-f]+$"))
+    assert "from-form" in alice.page.inner_text(".facts")
+
     # What users wrote (metadata, file name, event text) renders as text, never as markup.
     alice.page.goto(f"/ui/jobs/{long_job}")
     alice.wait_until(lambda: "quoting user text" in alice.page.inner_text("#events"), "the event in the log")

@@ -88,7 +88,7 @@ CURRENT: dict[str, dict] = {}
 
 @pytest.fixture
 def stateful_headers(key_headers):
-    CURRENT["headers"], CURRENT["calls"] = key_headers, []
+    CURRENT["headers"], CURRENT["calls"], CURRENT["keep"] = key_headers, [], kept_rows()
     yield
     calls = CURRENT["calls"]
     CURRENT.clear()
@@ -99,9 +99,38 @@ def stateful_headers(key_headers):
     print(f"\nstateful: {len(calls)} calls, {len(chained)} on objects created earlier in the sequence")
 
 
+def kept_rows() -> dict[str, set[str]]:
+    """What the fixture made (its key, its file): every scenario starts from these and nothing else."""
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.models import ApiKey, File
+
+    with session_scope() as session:
+        return {"keys": set(session.scalars(select(ApiKey.id))), "files": set(session.scalars(select(File.id)))}
+
+
+def reset_rows(keep: dict[str, set[str]]) -> None:
+    """Back to the fixture's rows. Hypothesis replays a scenario's choices and expects the same draws: a list
+    that grew with the files, jobs, endpoints or keys of earlier scenarios would draw differently."""
+    from sqlalchemy import delete
+
+    from shared.db import session_scope
+    from shared.models import ApiKey, File, IdempotencyKey, Job, WebhookEndpoint
+
+    with session_scope() as session:
+        for model in (Job, WebhookEndpoint, IdempotencyKey):  # events, checkpoints, deliveries: by cascade
+            session.execute(delete(model))
+        session.execute(delete(File).where(File.id.not_in(keep["files"])))
+        session.execute(delete(ApiKey).where(ApiKey.id.not_in(keep["keys"])))
+
+
 class APIWorkflow(schema.as_state_machine()):  # type: ignore[misc]
     """Sequences through the links schemathesis infers from the spec (an id a response returns, used by the
     next request): e.g. create a file → retrieve/delete it; create a job → retrieve, cancel, events."""
+
+    def setup(self):
+        reset_rows(CURRENT["keep"])
 
     def get_call_kwargs(self, case):
         return {"headers": CURRENT["headers"]}

@@ -156,7 +156,8 @@ def test_models_health_and_overview(client):
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
     overview = client.get("/admin/overview").json()
-    assert {"jobs_by_status", "queue_depth", "workers", "running", "recent_failures"} <= set(overview)
+    assert {"jobs_by_status", "queue_depth", "queue_depths", "workers", "running", "recent_failures"} <= set(overview)
+    assert overview["queue_depth"] == sum(overview["queue_depths"].values())
     assert overview["jobs_by_status"]["running"] == 0
 
 
