@@ -136,8 +136,12 @@ class Stack:
             self.key = self.create_key("default", admin=True)  # the stack's own client: tenant `default`, admin
         self.client.headers["Authorization"] = f"Bearer {self.key}"
         self._spawn(
-            "api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        )
+            "api",
+            [
+                sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--timeout-graceful-shutdown", "5",  # open event streams end the stop after 5 s, not 30
+            ],
+        )  # fmt: skip
         if worker:
             self.start_worker()
         deadline = time.monotonic() + 60

@@ -43,9 +43,11 @@ def run(port: int | None, epochs: int) -> int:
                 print(f"\nThe job ended {job['status']}: {job.get('error')}")
                 return 1
             report = job.get("validation_report") or {}
+            length = report.get("length") or {}
             print(
                 f"Validation report: {report.get('examples')} examples, {report.get('total_tokens')} tokens "
-                f"({report.get('loss_tokens')} trained), length p50/p95/max {report.get('length')}"
+                f"({report.get('loss_tokens')} trained), length p50/p95/max "
+                f"{length.get('p50')}/{length.get('p95')}/{length.get('max')} tokens"
             )
             adapter = download(client, job["id"])
             metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]

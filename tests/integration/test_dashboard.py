@@ -107,6 +107,9 @@ def test_the_dashboard_in_a_real_browser(browser, production_env, make_stack, ti
         headers=as_acme,
     ).json()["id"]  # ~2,000 steps: still training when the page is done with it
     queued_job = stack.client.post("/v1/fine_tuning/jobs", json=body, headers=as_acme).json()["id"]
+    # A suffix is letters, digits, '-' and '_' (it becomes part of the model's name): markup never gets in.
+    refused = stack.client.post("/v1/fine_tuning/jobs", json={**body, "suffix": HOSTILE[:40]}, headers=as_acme)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "suffix", refused.text
     add_event(production_env, long_job, f"A message quoting user text: {HOSTILE}")
 
     alice = Person(browser, origin, acme, shots)
@@ -216,6 +219,8 @@ def test_the_dashboard_in_a_real_browser(browser, production_env, make_stack, ti
         assert strangers == [], strangers
     assert alice.errors == [] and admin.errors == [], alice.errors + admin.errors
     assert all("404" in error or "401" in error for error in bob.errors), bob.errors  # the pages refused him
+    for person in (alice, bob, admin):
+        person.context.close()  # the pages' event streams end with them, before the stack stops
 
 
 def add_event(env: dict[str, str], job_id: str, message: str) -> None:

@@ -13,6 +13,8 @@ from shared import migrate
 from shared.settings import get_settings
 from tunequeue.console import Refused, require_current_schema, require_training_libraries
 
+SHUTDOWN_GRACE_SECONDS = 30
+
 
 def run_serve(args) -> int:
     import uvicorn
@@ -23,7 +25,14 @@ def run_serve(args) -> int:
     describe_deployment()
     with shared_metrics_folder():
         uvicorn.run(
-            "api.app:app", host=args.host, port=args.port, log_level="info", workers=getattr(args, "workers", 1)
+            "api.app:app",
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            workers=getattr(args, "workers", 1),
+            # On SIGTERM, requests in flight get this long; then open event streams are closed (their clients
+            # reconnect with Last-Event-ID), which would otherwise hold the shutdown for up to an hour.
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         )
     return 0
 
