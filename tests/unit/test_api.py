@@ -312,3 +312,18 @@ def test_blank_lines_and_unknown_keys_are_only_warnings(client):
     validation = response.json()["validation"]
     assert validation["format"] == "chat" and validation["examples"] == 2
     assert [(w["line"], "blank" in w["message"]) for w in validation["warnings"]] == [(2, True), (3, False)]
+
+
+def test_a_quiet_event_stream_sends_heartbeats_and_ends_at_its_limit(client, monkeypatch):
+    """A job with no news: its stream says so with heartbeat comments and closes at its time limit without
+    `end` (the job is not finished; the client reconnects)."""
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": good_file(client)})
+    monkeypatch.setattr("api.streams.HEARTBEAT_SECONDS", 0.3)
+    monkeypatch.setattr("api.streams.POLL_SECONDS", 0.1)
+    monkeypatch.setenv("TUNEQUEUE_EVENT_STREAM_MAX_SECONDS", "1.5")
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    body = client.get(f"/v1/fine_tuning/jobs/{job.json()['id']}/events", params={"stream": "true"}).text
+    assert body.startswith("retry: 2000\n\nevent: job\n") and body.count(": heartbeat\n\n") >= 2
+    assert "event: end" not in body and "\ndata: " in body  # the job's events so far, then quiet
