@@ -114,18 +114,21 @@ def resolved(url, api_key, environ) -> tuple[str, str]:
 
 
 def test_a_flag_wins_over_the_environment_which_wins_over_the_config_file(config):
-    file = config('url = "http://file:1"\napi_key = "tq-file"\n')
-    env = {**file, "TUNEQUEUE_URL": "http://env:2", "TUNEQUEUE_API_KEY": "tq-env"}
-    assert resolved("http://flag:3", "tq-flag", env) == ("http://flag:3", "tq-flag")
-    assert resolved(None, None, env) == ("http://env:2", "tq-env")
-    assert resolved(None, None, file) == ("http://file:1", "tq-file")
-    assert resolved(None, "tq-flag", {**file, "TUNEQUEUE_URL": "http://env:2"}) == ("http://env:2", "tq-flag")
-    assert resolved("http://flag:3", None, file) == ("http://flag:3", "tq-file")
+    file = config('url = "http://127.0.0.1:1001"\napi_key = "tq-file"\n')
+    env = {**file, "TUNEQUEUE_URL": "http://127.0.0.1:1002", "TUNEQUEUE_API_KEY": "tq-env"}
+    assert resolved("http://127.0.0.1:1003", "tq-flag", env) == ("http://127.0.0.1:1003", "tq-flag")
+    assert resolved(None, None, env) == ("http://127.0.0.1:1002", "tq-env")
+    assert resolved(None, None, file) == ("http://127.0.0.1:1001", "tq-file")
+    assert resolved(None, "tq-flag", {**file, "TUNEQUEUE_URL": "http://127.0.0.1:1002"}) == (
+        "http://127.0.0.1:1002",
+        "tq-flag",
+    )
+    assert resolved("http://127.0.0.1:1003", None, file) == ("http://127.0.0.1:1003", "tq-file")
 
 
 def test_the_url_defaults_to_the_local_server_and_takes_the_sdks_base_url(config):
     assert resolve_connection(None, "tq-x", config("")).url == "http://127.0.0.1:8000"
-    assert resolve_connection("https://tq.example/v1/", "tq-x", {}).url == "https://tq.example"
+    assert resolve_connection("http://127.0.0.1:1005/v1/", "tq-x", {}).url == "http://127.0.0.1:1005"
     with pytest.raises(ClientError, match="'localhost:8000' is not an http:// or https:// URL"):
         resolve_connection("localhost:8000", "tq-x", {})
 
@@ -162,7 +165,9 @@ def test_a_broken_config_file_is_refused_naming_it(config, text, message):
     with pytest.raises(ClientError, match=re.escape(message)) as refused:
         resolve_connection(None, None, env)
     assert env["TUNEQUEUE_CONFIG"] in str(refused.value)
-    assert resolve_connection("http://h:1", "tq-x", env).url == "http://h:1"  # not read when nothing is missing
+    assert (
+        resolve_connection("http://127.0.0.1:1004", "tq-x", env).url == "http://127.0.0.1:1004"
+    )  # not read when nothing is missing
 
 
 def test_a_config_file_named_in_the_environment_must_exist(tmp_path):

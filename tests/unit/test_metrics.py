@@ -128,7 +128,7 @@ def add_rows(jobs: list[dict], workers: list[tuple[str, int, dict]], deliveries:
         for name, heard, info in workers:
             session.add(WorkerHeartbeat(hostname=name, pid=1, started_at=heard, last_heartbeat=heard, info=info))
         endpoint = new_id("wh")
-        session.add(WebhookEndpoint(id=endpoint, tenant="t", url="https://example.org/h", secret="-", created_at=now()))
+        session.add(WebhookEndpoint(id=endpoint, tenant="t", url="http://127.0.0.1:9/h", secret="-", created_at=now()))
         session.flush()
         for status, attempts in deliveries:
             session.add(
