@@ -94,7 +94,7 @@ async def principal(
 
 
 async def _session_principal(request: Request, token: str) -> Principal:
-    found = await run_in_threadpool(_read_signed_in, token)
+    found = await run_in_threadpool(read_signed_in, token)
     if found is None:
         raise Unauthenticated("Your dashboard session has ended (signed out, or its key was revoked): sign in again")
     if request.method not in SAFE_METHODS and not compare_digest(
@@ -104,7 +104,8 @@ async def _session_principal(request: Request, token: str) -> Principal:
     return found.principal
 
 
-def _read_signed_in(token: str) -> SignedIn | None:
+def read_signed_in(token: str | None) -> SignedIn | None:
+    """Who holds this dashboard session cookie (the API's cookie callers and the pages both ask)."""
     with session_scope() as session:
         return signed_in(session, token)
 

@@ -17,13 +17,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CSRF_HEADER, SESSION_COOKIE, DbSession, ReadSession, StorageDep
+from api.deps import CSRF_HEADER, SESSION_COOKIE, DbSession, ReadSession, StorageDep, read_signed_in
 from api.routers.admin import overview as admin_overview
 from shared.auth import service as keys
-from shared.auth.sessions import SignedIn, sign_in, sign_out, signed_in
+from shared.auth.sessions import SignedIn, sign_in, sign_out
 from shared.basemodels.service import list_base_models
 from shared.catalog import service as catalog
-from shared.db import session_scope
 from shared.errors import InvalidRequest, PermissionDenied, TunequeueError, Unauthenticated
 from shared.files import service as files
 from shared.ids import now
@@ -74,15 +73,10 @@ class SignInRequired(Exception):
 
 async def current(request: Request) -> SignedIn:
     """The signed-in caller of a page, read with its key on every request: a revoked key is signed out here."""
-    found = await run_in_threadpool(_signed_in, request.cookies.get(SESSION_COOKIE))
+    found = await run_in_threadpool(read_signed_in, request.cookies.get(SESSION_COOKIE))
     if found is None:
         raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     return found
-
-
-def _signed_in(token: str | None) -> SignedIn | None:
-    with session_scope() as session:
-        return signed_in(session, token)
 
 
 async def admin(user: Annotated[SignedIn, Depends(current)]) -> SignedIn:
@@ -469,5 +463,5 @@ def admin_revoke_key(session: DbSession, _: FormAdmin, key_id: str):
 def error_page(request: Request, exc: TunequeueError) -> Response:
     """An error on a page, as a page: the same status and message the JSON API would give."""
     token = request.cookies.get(SESSION_COOKIE)
-    user = _signed_in(token) if token else None
+    user = read_signed_in(token) if token else None
     return render(request, "error.html", user, status_code=exc.status_code, code=exc.status_code, message=exc.message)
