@@ -47,6 +47,7 @@ def declare(*statuses: int) -> dict:
         429: "A per-tenant limit was reached; see Retry-After",
         500: "An unexpected error; the message carries the request id to quote when reporting it",
         503: "The database or object storage is unavailable; see Retry-After",
+        504: "The request ran past its time limit",
     }
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
 

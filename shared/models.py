@@ -5,6 +5,7 @@ from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
 from shared.files.models import File
 from shared.idempotency.models import IdempotencyKey
+from shared.inference.models import InferenceRequest
 from shared.jobs.models import Checkpoint, Job, JobEvent
 from shared.webhooks.models import WebhookDelivery, WebhookEndpoint
 from shared.workers.models import DeviceUsage, WorkerHeartbeat
@@ -17,6 +18,7 @@ __all__ = [
     "DeviceUsage",
     "File",
     "IdempotencyKey",
+    "InferenceRequest",
     "Job",
     "JobEvent",
     "UiSession",

@@ -93,3 +93,14 @@ def _generated_key(data_dir: Path) -> str:
         finally:
             draft.unlink()
     return path.read_text().strip()
+
+
+def derived_token(purpose: str) -> str:
+    """A shared secret for one purpose (the API's calls to inference workers), derived from the first key: every
+    node that can read the others' secrets computes the same token, and nothing else needs distributing."""
+    import hashlib
+    import hmac
+
+    settings = get_settings()
+    first = _multifernet(settings.secret_keys, str(settings.resolved_data_dir), settings.embedded)._fernets[0]
+    return hmac.new(first._signing_key, purpose.encode(), hashlib.sha256).hexdigest()

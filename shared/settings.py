@@ -189,7 +189,40 @@ class WorkerSettings(_Area):
         return value
 
 
-class Settings(DatabaseSettings, QueueSettings, StorageSettings, WebhookSettings, LimitSettings, WorkerSettings):
+class InferenceSettings(_Area):
+    """Serving fine-tuned models through chat.completions (docs/inference.md)."""
+
+    inference_quantization: str = Field(
+        default="nf4",
+        pattern="^(nf4|int8|none)$",
+        description="How an inference worker holds its base models: nf4 (4-bit), int8, or none (16-bit)",
+    )
+    inference_adapters: int = Field(
+        default=8, ge=1, description="Adapters an inference worker keeps loaded per base (least recently used goes)"
+    )
+    inference_max_batch: int = Field(
+        default=8, ge=1, description="Most sequences an inference worker decodes together on one base"
+    )
+    inference_max_tokens: int = Field(
+        default=512, ge=1, description="Completion tokens a request gets when it names no max_tokens"
+    )
+    inference_max_n: int = Field(default=8, ge=1, description="Most choices (n) one completion request may ask for")
+    inference_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest a completion request may run before it is ended (504 or an error event)",
+    )
+    inference_concurrency_per_tenant: int = Field(
+        default=4, ge=1, description="Completion requests of one tenant in flight at once, over all API processes (429)"
+    )
+    inference_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often an inference worker reports its endpoint and what it holds"
+    )
+
+
+class Settings(
+    DatabaseSettings, QueueSettings, StorageSettings, WebhookSettings, LimitSettings, WorkerSettings, InferenceSettings
+):
     pass
 
 

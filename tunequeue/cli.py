@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--devices", help="GPU ids this worker owns, e.g. 0,1,2,3 (default: every GPU nvidia-smi lists)")
     slots.add_argument("--cpu-slots", type=int, help="on a CPU-only node: how many jobs (or devices) at once")
     worker.add_argument("--loglevel", default="INFO", help="Celery's log level")
+    serving = worker.add_argument_group("inference (docs/inference.md)")
+    serving.add_argument(
+        "--inference",
+        action="store_true",
+        help="serve completions (base models held, adapters on top) instead of training",
+    )
+    serving.add_argument("--host", default="127.0.0.1", help="address the inference worker listens on")
+    serving.add_argument("--port", type=int, default=0, help="its port (default: any free one)")
+    serving.add_argument("--advertise-url", help="the URL the API reaches it at (default: http://HOST:PORT)")
+    serving.add_argument(
+        "--models", default="", help="base model ids to load at start and to serve only (default: any, on first use)"
+    )
 
     keys = actions(command("keys", "API keys"))
     create_key = action(keys, "create", "create a key; its secret is printed once, on stdout")

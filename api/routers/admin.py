@@ -47,6 +47,9 @@ def overview(session: DbSession):
                 "seconds_since_heartbeat": now() - w.last_heartbeat,
                 "current_jobs": w.current_jobs,
                 "slots": (w.info or {}).get("slots"),  # kind, total, free, device ids
+                "role": (w.info or {}).get("role", "training"),
+                # an inference worker's endpoint, the bases and adapters it holds, requests in flight, memory
+                "serving": _serving(w.info or {}),
             }
             for w in workers.list_workers(session)
         ],
@@ -174,3 +177,10 @@ def create_key(session: DbSession, request: KeyCreate):
 @router.delete("/keys/{key_id}", response_model=KeyObject)
 def revoke_key(session: DbSession, key_id: str):
     return keys.describe(keys.revoke_key(session, key_id))
+
+
+def _serving(info: dict) -> dict | None:
+    if info.get("role") != "inference":
+        return None
+    fields = ("endpoint", "bases", "in_flight", "quantization", "rss_bytes", "peak_rss_bytes")
+    return {name: info.get(name) for name in fields}

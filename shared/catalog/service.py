@@ -62,13 +62,13 @@ def get_model(session: Session, tenant: str, model_id: str) -> dict:
     base = session.get(BaseModelRecord, model_id)
     if base is not None:
         return _base(base)
-    return _fine_tuned(_tuned_job(session, tenant, model_id))
+    return _fine_tuned(tuned_job(session, tenant, model_id))
 
 
 def delete_model(session: Session, storage: Storage, tenant: str, model_id: str) -> str:
     if session.get(BaseModelRecord, model_id) is not None:
         raise InvalidRequest(f"{model_id} is a base model; only fine-tuned models can be deleted", param="model")
-    job = _tuned_job(session, tenant, model_id)
+    job = tuned_job(session, tenant, model_id)
     job.model_deleted_at = now()
     job.resume_key = job.resume_sha256 = None
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id).execution_options(synchronize_session=False))
@@ -86,7 +86,7 @@ def delete_job_objects(storage: Storage, job: Job) -> None:
         storage.delete(key)
 
 
-def _tuned_job(session: Session, tenant: str, model_id: str) -> Job:
+def tuned_job(session: Session, tenant: str, model_id: str) -> Job:
     job = session.scalars(_tuned(session, tenant).where(Job.fine_tuned_model == model_id)).first()
     if job is None:
         raise ModelNotFound(model_id)

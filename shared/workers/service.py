@@ -34,7 +34,8 @@ def list_workers(session: Session) -> list[WorkerHeartbeat]:
 def largest_slot_count(session: Session, *, seen_since: int) -> int:
     """The most device slots any worker heard from since `seen_since` reports; 0 if none was."""
     seen = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat > seen_since))
-    return max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in seen), default=0)
+    training = [w for w in seen if (w.info or {}).get("role") != "inference"]  # inference workers train nothing
+    return max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in training), default=0)
 
 
 def start_device_usage(session: Session, worker: str, devices: list[str], job_id: str, attempt: int) -> list[int]:

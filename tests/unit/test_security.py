@@ -84,6 +84,12 @@ CREATE_AS_B = {
         404,
     ),
     ("POST", "/v1/webhooks"): (lambda ids: {"json": {"url": f"{HOOKS}/b"}}, 200),
+    # A's fine-tuned model is not found for B, before any inference worker is looked for
+    ("POST", "/v1/chat/completions"): (
+        lambda ids: {"json": {"model": ids["model_id"], "messages": [{"role": "user", "content": "hi"}]}},
+        404,
+    ),
+    ("POST", "/v1/completions"): (lambda ids: {"json": {"model": ids["model_id"], "prompt": "hi"}}, 404),
 }
 
 

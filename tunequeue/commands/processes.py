@@ -103,6 +103,8 @@ def run_worker(args) -> int:
     from worker.slots import ENV, Slots, detect
 
     require_training_libraries("worker")
+    if getattr(args, "inference", False):
+        return run_inference_worker(args, spec_devices(args))
     if args.cpu_slots is not None and args.cpu_slots < 1:
         raise Refused("--cpu-slots must be at least 1")
     if args.devices:
@@ -115,6 +117,25 @@ def run_worker(args) -> int:
     os.environ[ENV] = spec
     print(f"worker slots: {spec} ({slots.total})", file=sys.stderr)
     os.execv(sys.executable, worker_command(slots.total, args.loglevel))
+
+
+def spec_devices(args) -> str | None:
+    """An inference worker's devices: the GPUs it was given (pinned like a training worker's), else none."""
+    return args.devices or None
+
+
+def run_inference_worker(args, devices: str | None) -> int:
+    """Replaced by `python -m worker.inference` (torch lives there, never in this package)."""
+    require_current_schema()
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices  # these GPUs only, as a training worker's slots pin them
+    command = [*inference_worker_command(), "--host", args.host, "--port", str(args.port)]
+    command += ["--models", args.models] + (["--advertise-url", args.advertise_url] if args.advertise_url else [])
+    os.execv(sys.executable, command)
+
+
+def inference_worker_command() -> list[str]:
+    return [sys.executable, "-m", "worker.inference"]
 
 
 def run_dev(args) -> int:
