@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -54,6 +54,11 @@ bench-api: $(STAMP)
 # The dashboard's pages, one request at a time, on the same seeded Postgres (10,000 jobs, 1,000,000 events).
 bench-ui: $(STAMP)
 	$(PY) -m benchmarks.ui_pages
+
+# Serving: the inference engine against a plain transformers + peft generate loop on the same NF4 base and
+# adapters, one at a time and batched, with time to first token and the memory of one base with 1-3 adapters.
+bench-inference: $(STAMP)
+	$(PY) -m benchmarks.inference
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the

@@ -293,3 +293,12 @@ def make_key(tenant: str, admin: bool = False) -> str:
 
     with session_scope() as session:
         return create_key(session, tenant, admin=admin)[1]
+
+
+def heldout_evaluation(base: Path, data: Path, adapter: Path | None = None, generate: int = 0) -> dict:
+    """Held-out loss and greedy answers from `python -m worker.training.evaluate`, in a child process."""
+    command = [sys.executable, "-m", "worker.training.evaluate", "--base", str(base), "--data", str(data)]
+    command += ["--generate", str(generate)] + (["--adapter", str(adapter)] if adapter is not None else [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"evaluation failed:\n{result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])

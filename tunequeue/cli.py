@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("sweep", "requeue jobs whose worker's lease expired, republish jobs the broker lost (workers do this)")
 
-    dev = command("dev", "API + one worker on this machine (embedded defaults unless set); migrates first")
+    dev = command(
+        "dev", "API + a training and an inference worker on this machine (embedded defaults unless set); migrates first"
+    )
     dev.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dev.add_argument("--port", type=int, default=8000, help="port to listen on")
 

@@ -1,5 +1,6 @@
 """`tunequeue demo` (what `make demo` runs): import the demo model, start the API and a worker, upload the
-sample data, fine-tune, follow it with a progress bar, download the adapter, compare base and tuned answers."""
+sample data, fine-tune, follow it with a progress bar, download the adapter, then show the job's evaluation and
+the base and tuned models' answers through the service's own /v1/chat/completions."""
 
 import json
 import logging
@@ -56,7 +57,7 @@ def run(port: int | None, epochs: int) -> int:
                     f"valid_loss on the held-out 5%: {metrics['initial_valid_loss']:.3f} before training -> "
                     f"{metrics['full_valid_loss']:.3f} after (adapter from step {metrics['adapter']['step']})"
                 )
-            compare(adapter)
+            compare(client, job)
             print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Adapter: {adapter}")
             return 0
     finally:
@@ -93,18 +94,21 @@ def ensure_model() -> None:
 
 
 def start_services(port: int) -> list[subprocess.Popen]:
-    from tunequeue.commands.processes import worker_command
+    from tunequeue.commands.processes import inference_worker_command, worker_command
 
     logs = get_settings().resolved_data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"Starting the API on port {port} and one worker (logs in {logs})")
+    print(f"Starting the API on port {port}, a training worker and an inference worker (logs in {logs})")
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
         stdout=open(logs / "api.log", "ab"),
         stderr=subprocess.STDOUT,
     )
     worker = subprocess.Popen(worker_command(), stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
-    return [api, worker]
+    inference = subprocess.Popen(
+        inference_worker_command(), stdout=open(logs / "inference.log", "ab"), stderr=subprocess.STDOUT
+    )
+    return [api, worker, inference]
 
 
 @contextmanager
@@ -190,38 +194,54 @@ def download(client: httpx.Client, job_id: str) -> Path:
     return target
 
 
-def evaluate(base: Path, data: Path, adapter: Path | None = None, generate: int = 0) -> dict:
-    """Held-out loss and greedy answers, in a child process (this one never imports torch)."""
-    command = [
-        sys.executable,
-        "-m",
-        "worker.training.evaluate",
-        "--base",
-        str(base),
-        "--data",
-        str(data),
-        "--generate",
-        str(generate),
-    ]
-    if adapter is not None:
-        command += ["--adapter", str(adapter)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"evaluation failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+DEMO_PROMPTS = 5
 
 
-def compare(adapter: Path) -> None:
-    base = get_settings().resolved_model_dir / DEMO_MODEL_ID
-    heldout = SAMPLE / "heldout.jsonl"
-    results = {"base": evaluate(base, heldout, generate=5), "tuned": evaluate(base, heldout, adapter, generate=5)}
-    print(
-        f"\nHeld-out loss (assistant tokens, {results['base']['tokens']} tokens): "
-        f"base {results['base']['loss']:.3f} -> tuned {results['tuned']['loss']:.3f}\n"
-    )
-    for prompt, before, after in zip(
-        results["base"]["prompts"], results["base"]["generations"], results["tuned"]["generations"], strict=True
-    ):
-        print(f"Q: {prompt}\n  base : {before}\n  tuned: {after}\n")
-    stopped = {name: sum(r["stopped"]) for name, r in results.items()}
-    print(f"Answers that ended their turn (EOS within 40 tokens): base {stopped['base']}/5, tuned {stopped['tuned']}/5")
+def heldout_prompts(n: int = DEMO_PROMPTS) -> list[str]:
+    """The first user turns of the held-out examples: questions the model never trained on."""
+    lines = (SAMPLE / "heldout.jsonl").read_text().splitlines()[:n]
+    return [next(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user") for line in lines]
+
+
+def ask(client: httpx.Client, model: str, prompt: str, stream: bool = False) -> str:
+    """One greedy answer through the service's /v1/chat/completions; streamed to the terminal if `stream`."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0}
+    if not stream:
+        response = client.post("/v1/chat/completions", json=body, timeout=300)
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"]
+    answer = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if piece:
+                answer.append(piece)
+                print(piece, end="", flush=True)
+    print()
+    return "".join(answer)
+
+
+def compare(client: httpx.Client, job: dict) -> None:
+    """The job's own evaluation, then base and tuned answers to held-out questions, both served by the
+    inference worker through chat.completions (the tuned answer streamed as it is generated)."""
+    evaluation = client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation")
+    if evaluation.status_code == 200:
+        scores = evaluation.json()
+        base, tuned = scores["base"], scores["tuned"]
+        print(
+            f"\nEvaluation on the validation set: loss {base['loss']:.3f} (base) -> {tuned['loss']:.3f} (tuned), "
+            f"token accuracy {base['token_accuracy']:.1%} -> {tuned['token_accuracy']:.1%}"
+        )
+    print(f"\nAnswers through /v1/chat/completions: {DEMO_MODEL_ID} and {job['fine_tuned_model']}\n")
+    tuned_parrots = 0
+    for prompt in heldout_prompts():
+        print(f"Q: {prompt}\n  base : {ask(client, DEMO_MODEL_ID, prompt)}")
+        print("  tuned: ", end="", flush=True)
+        tuned_parrots += "Squawk" in ask(client, job["fine_tuned_model"], prompt, stream=True)
+    print(f"\nTuned answers in the parrot's voice: {tuned_parrots}/{DEMO_PROMPTS}")

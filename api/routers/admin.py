@@ -182,5 +182,5 @@ def revoke_key(session: DbSession, key_id: str):
 def _serving(info: dict) -> dict | None:
     if info.get("role") != "inference":
         return None
-    fields = ("endpoint", "bases", "in_flight", "quantization", "rss_bytes", "peak_rss_bytes")
+    fields = ("endpoint", "bases", "in_flight", "quantization", "devices", "rss_bytes", "peak_rss_bytes")
     return {name: info.get(name) for name in fields}

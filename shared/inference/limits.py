@@ -22,6 +22,10 @@ def admit(session: Session, tenant: str, model: str, *, limit: int, timeout_seco
         expires_at=started + int(timeout_seconds) + EXPIRY_MARGIN_SECONDS,
     )
     session.add(row)
+    # rows left by an API process that died mid-request: they count no more, and go with the next admission
+    session.execute(
+        delete(InferenceRequest).where(InferenceRequest.tenant == tenant, InferenceRequest.expires_at <= started)
+    )
     session.commit()
     # Counted after our own row is committed: two requests racing for the last place may both see the other
     # and both be refused, but never both admitted.
@@ -41,8 +45,3 @@ def admit(session: Session, tenant: str, model: str, *, limit: int, timeout_seco
 
 def release(session: Session, request_id: str) -> None:
     session.execute(delete(InferenceRequest).where(InferenceRequest.id == request_id))
-
-
-def collect_expired(session: Session) -> None:
-    """Rows left by API processes that died mid-request."""
-    session.execute(delete(InferenceRequest).where(InferenceRequest.expires_at <= now()))

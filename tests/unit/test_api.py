@@ -327,3 +327,22 @@ def test_a_quiet_event_stream_sends_heartbeats_and_ends_at_its_limit(client, mon
     body = client.get(f"/v1/fine_tuning/jobs/{job.json()['id']}/events", params={"stream": "true"}).text
     assert body.startswith("retry: 2000\n\nevent: job\n") and body.count(": heartbeat\n\n") >= 2
     assert "event: end" not in body and "\ndata: " in body  # the job's events so far, then quiet
+
+
+def test_completion_requests_are_refused_by_field_before_any_worker_is_asked(client):
+    ask = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
+    assert_error(client.post("/v1/chat/completions", json={**ask, "n": 9}), 400, "at most 8", param="n")
+    assert_error(client.post("/v1/chat/completions", json={**ask, "logprobs": True}), 400, param="logprobs")
+    assert_error(client.post("/v1/chat/completions", json={**ask, "tools": [{"type": "function"}]}), 400, param="tools")
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+    assert_error(
+        client.post("/v1/chat/completions", json={**ask, "messages": [image]}), 400, param="messages[0].content"
+    )
+    assert client.post("/v1/chat/completions", json={**ask, "stop": ["a"] * 5}).status_code == 400
+    assert client.post("/v1/chat/completions", json={**ask, "temperature": 3}).status_code == 400
+    assert_error(
+        client.post("/v1/completions", json={"model": "tiny-llama", "prompt": ["a", "b"]}), 400, param="prompt"
+    )
+    assert_error(client.post("/v1/chat/completions", json={**ask, "model": "ft:nope"}), 404, "ft:nope", param="model")
+    # A well-formed request with no inference worker running says how to start one.
+    assert_error(client.post("/v1/chat/completions", json=ask), 503, "tunequeue worker --inference")

@@ -139,17 +139,21 @@ def inference_worker_command() -> list[str]:
 
 
 def run_dev(args) -> int:
+    """The API, a training worker and an inference worker on this machine."""
     migrate.upgrade()
     hint_if_no_models()
     first_key()
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Dashboard: http://{host}:{args.port}/ui (sign in with an API key)", file=sys.stderr)
-    worker = subprocess.Popen(worker_command())
+    workers = [subprocess.Popen(worker_command()), subprocess.Popen(inference_worker_command())]
+    print("Started a training worker and an inference worker (chat.completions)", file=sys.stderr)
     try:
         return run_serve(args)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
 
 
 def hint_if_no_models() -> None:

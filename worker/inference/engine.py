@@ -274,6 +274,9 @@ def decode_rows(loaded: LoadedBase, rows: list[tuple[Request, int, Sequence]], o
             if seq.done:
                 request.emit({"type": "end", "index": index, "finish_reason": seq.finish_reason, "tokens": seq.tokens})
         if all(seq.done or request.cancelled.is_set() for request, _, seq in rows):
+            for _, index, seq in rows:
+                if not seq.done:
+                    log.info("request cancelled (client gone) after %d tokens of choice %d", len(seq.tokens), index)
             return
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
         positions = positions[:, -1:] + 1

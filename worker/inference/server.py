@@ -132,6 +132,12 @@ def memory() -> dict:
     return fields
 
 
+def devices() -> list[str]:
+    """The GPUs this worker may use (`--devices`, pinned through CUDA_VISIBLE_DEVICES), or its CPU."""
+    pinned = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return [f"gpu:{d}" for d in pinned] if pinned else ["cpu"]
+
+
 def serve(host: str, port: int, advertise: str | None, models: list[str]) -> int:
     """Load `models` (if any), listen, and report the endpoint to the database until stopped."""
     import uvicorn
@@ -206,7 +212,7 @@ def _heartbeat_loop(engine: Engine, name: str, url: str, models, stop: threading
     while not stop.is_set():
         try:
             with session_scope() as session:
-                held = {**engine.describe(), **memory()}
+                held = {**engine.describe(), **memory(), "devices": devices()}
                 record_endpoint(session, name, pid=os.getpid(), started_at=started, url=url, models=models, held=held)
         except Exception as exc:  # the database may be briefly away; the next beat retries
             log.warning("inference heartbeat failed: %s", exc)
