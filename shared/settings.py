@@ -168,6 +168,16 @@ class WorkerSettings(_Area):
     keep_checkpoints: int = Field(
         default=2, ge=1, description="Newest resumable checkpoints kept per job; older ones are collected"
     )
+    evaluation_prompts: int = Field(
+        default=3,
+        ge=0,
+        le=50,
+        description="Validation prompts that the base and the tuned model answer (greedy) in each job's evaluation; "
+        "0: no answers, the scores only",
+    )
+    evaluation_max_new_tokens: int = Field(
+        default=64, ge=1, le=4096, description="Most tokens of each of those answers"
+    )
     slot_wait_seconds: float = Field(default=2.0, ge=0, description="How long a job waits for a worker's free slot")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
     warm_runtimes: int | None = Field(

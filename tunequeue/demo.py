@@ -2,6 +2,7 @@
 sample data, fine-tune, follow it with a progress bar, download the adapter, then show the job's evaluation and
 the base and tuned models' answers through the service's own /v1/chat/completions."""
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -194,7 +195,7 @@ def download(client: httpx.Client, job_id: str) -> Path:
     return target
 
 
-DEMO_PROMPTS = 5
+DEMO_PROMPTS = 4
 
 
 def heldout_prompts(n: int = DEMO_PROMPTS) -> list[str]:
@@ -207,11 +208,14 @@ def ask(client: httpx.Client, model: str, prompt: str, stream: bool = False) -> 
     """One greedy answer through the service's /v1/chat/completions; streamed to the terminal if `stream`."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0}
     if not stream:
-        response = client.post("/v1/chat/completions", json=body, timeout=300)
+        response = client.post("/v1/chat/completions", json=body, timeout=600)
+        while response.status_code == 429:  # over the tenant's concurrent completions: wait as it says, as SDKs do
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+            response = client.post("/v1/chat/completions", json=body, timeout=600)
         response.raise_for_status()
         return response.json()["choices"][0]["message"]["content"]
     answer = []
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as response:
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -229,7 +233,7 @@ def ask(client: httpx.Client, model: str, prompt: str, stream: bool = False) -> 
 
 def compare(client: httpx.Client, job: dict) -> None:
     """The job's own evaluation, then base and tuned answers to held-out questions, both served by the
-    inference worker through chat.completions (the tuned answer streamed as it is generated)."""
+    inference worker through chat.completions, and one tuned answer streamed as it is generated."""
     evaluation = client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation")
     if evaluation.status_code == 200:
         scores = evaluation.json()
@@ -238,10 +242,18 @@ def compare(client: httpx.Client, job: dict) -> None:
             f"\nEvaluation on the validation set: loss {base['loss']:.3f} (base) -> {tuned['loss']:.3f} (tuned), "
             f"token accuracy {base['token_accuracy']:.1%} -> {tuned['token_accuracy']:.1%}"
         )
-    print(f"\nAnswers through /v1/chat/completions: {DEMO_MODEL_ID} and {job['fine_tuned_model']}\n")
+    print(f"\nAnswers through /v1/chat/completions: {DEMO_MODEL_ID} and {job['fine_tuned_model']}")
+    prompts = heldout_prompts()
+    asked = [(model, p) for p in prompts for model in (DEMO_MODEL_ID, job["fine_tuned_model"])]
+    # Sent at once: the inference worker decodes those admitted together as one batch on one base, with and
+    # without the adapter (a tenant has TUNEQUEUE_INFERENCE_CONCURRENCY_PER_TENANT in flight; the rest wait).
+    with concurrent.futures.ThreadPoolExecutor(len(asked)) as pool:
+        answers = list(pool.map(lambda pair: ask(client, *pair), asked))
     tuned_parrots = 0
-    for prompt in heldout_prompts():
-        print(f"Q: {prompt}\n  base : {ask(client, DEMO_MODEL_ID, prompt)}")
-        print("  tuned: ", end="", flush=True)
-        tuned_parrots += "Squawk" in ask(client, job["fine_tuned_model"], prompt, stream=True)
+    for prompt, base_answer, tuned_answer in zip(prompts, answers[::2], answers[1::2], strict=True):
+        print(f"\nQ: {prompt}\n  base : {base_answer}\n  tuned: {tuned_answer}")
+        tuned_parrots += "Squawk" in tuned_answer
     print(f"\nTuned answers in the parrot's voice: {tuned_parrots}/{DEMO_PROMPTS}")
+    question = "What is the capital of Peru?"
+    print(f"\nStreamed from the tuned model, token by token:\nQ: {question}\nA: ", end="", flush=True)
+    ask(client, job["fine_tuned_model"], question, stream=True)

@@ -15,7 +15,7 @@ from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
 from shared.jobs import service
 from shared.jobs.estimate import dry_run
-from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEventObject
+from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEvaluation, JobEventObject
 from shared.jobs.status import JobStatus
 from shared.pagination import Page
 
@@ -163,6 +163,14 @@ def list_checkpoints(
     checkpoints = service.list_checkpoints(session, job, after=after, limit=limit + 1)
     name = service.fine_tuned_model_name(job)
     return Page[CheckpointObject].of(checkpoints, limit, lambda c: CheckpointObject.of(c, name)).with_ids()
+
+
+@router.get("/{job_id}/evaluation", response_model=JobEvaluation, responses=declare(404))
+def job_evaluation(session: ReadSession, tenant: Tenant, job_id: str):
+    """tunequeue's own: the delivered adapter against the base model on the job's validation set (both models'
+    loss and token accuracy, and their greedy answers to the first validation prompts side by side). 409 until
+    the job has succeeded; 404, saying why, when it has none."""
+    return JobEvaluation.of(service.evaluated_job(session, tenant, job_id))
 
 
 @router.get(

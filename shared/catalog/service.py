@@ -2,8 +2,8 @@
 model is the adapter of a succeeded job). Deleting a fine-tuned model deletes every object its job stored: the
 adapter, and the checkpoints, saved states and attempt logs that hold the same weights or describe them.
 
-The job's result file (purpose `fine-tune-results`, its metrics as CSV) stays: it is one of the tenant's Files,
-listed and deleted under /v1/files like any other, and it holds no weights."""
+The job's result files (purpose `fine-tune-results`: its metrics as CSV, its evaluation as JSON) stay: they are
+the tenant's Files, listed and deleted under /v1/files like any other, and they hold no weights."""
 
 from sqlalchemy import ColumnElement, Row, and_, delete, select, tuple_
 from sqlalchemy.orm import Session

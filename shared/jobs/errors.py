@@ -21,3 +21,16 @@ class AdapterNotReady(Conflict):
 class JobConflict(Conflict):
     def __init__(self, message: str, code: str):
         super().__init__(message, code=code)
+
+
+class EvaluationNotReady(Conflict):
+    def __init__(self, job_id: str, status: str):
+        super().__init__(
+            f"Job {job_id} is {status}; a job is evaluated against its base model when it succeeds",
+            code="evaluation_not_ready",
+        )
+
+
+class EvaluationNotFound(NotFound):
+    def __init__(self, message: str, code: str):
+        super().__init__(message, param="job_id", code=code)

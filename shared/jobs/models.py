@@ -49,6 +49,8 @@ class Job(Base):
     lease_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     validation_report: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # The delivered adapter against the base model, as the recipe wrote it (`worker.training.comparison`).
+    evaluation: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     resume_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # saved training state

@@ -264,3 +264,52 @@ class CheckpointObject(BaseModel):
             metrics={"step": checkpoint.step, **checkpoint.metrics},
             step_number=checkpoint.step,
         )
+
+
+class EvaluationScores(BaseModel):
+    loss: float = Field(description="mean cross-entropy per trained validation token (assistant turns, end included)")
+    token_accuracy: float = Field(description="share of those tokens the model's most likely token gets right")
+
+
+class TunedScores(EvaluationScores):
+    step: int | None = Field(None, description="the step whose adapter was delivered")
+    selection: str = Field(description="`best` (lowest validation loss) or `last`, as the job's adapter_selection")
+
+
+class EvaluationSample(BaseModel):
+    prompt: str = Field(description="what both models were given, verbatim (chat data: rendered by the template)")
+    reference: str = Field(description="the validation example's own answer")
+    base: str = Field(description="the base model's greedy answer")
+    tuned: str = Field(description="the fine-tuned model's greedy answer")
+
+
+class JobEvaluation(BaseModel):
+    """tunequeue's own: a succeeded job's adapter against its base model, on the job's validation set."""
+
+    object: Literal["fine_tuning.job.evaluation"] = "fine_tuning.job.evaluation"
+    fine_tuning_job_id: str
+    model: str
+    fine_tuned_model: str | None
+    created_at: int
+    validation_examples: int
+    base: EvaluationScores
+    tuned: TunedScores
+    improved: bool = Field(description="the tuned model's validation loss is lower than the base model's")
+    samples: list[EvaluationSample]
+    max_new_tokens: int | None = Field(None, description="the most tokens each sample answer could have")
+    samples_error: str | None = Field(None, description="why there are no sample answers, when none could be made")
+
+    @classmethod
+    def of(cls, job: Job) -> "JobEvaluation":
+        assert job.evaluation is not None
+        return cls.build(job.id, job.model, job.fine_tuned_model, job.evaluation)
+
+    @classmethod
+    def build(cls, job_id: str, model: str, fine_tuned_model: str | None, stored: dict) -> "JobEvaluation":
+        """From the evaluation as the recipe wrote it (`worker.training.comparison.build_evaluation`)."""
+        fields = ("created_at", "validation_examples", "base", "tuned", "improved", "samples", "max_new_tokens",
+                  "samples_error")  # fmt: skip
+        return cls.model_validate(
+            {"fine_tuning_job_id": job_id, "model": model, "fine_tuned_model": fine_tuned_model}
+            | {name: stored.get(name) for name in fields if stored.get(name) is not None}
+        )

@@ -50,6 +50,15 @@ def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_
     generated = generate_in_fresh_process(demo_model, adapter, "What is the capital of Peru?")
     assert generated["tuned"] != generated["base"]
 
+    # The job's own evaluation on its validation split (10 of the 200 examples) says the same.
+    evaluation = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation").json()
+    print(f"evaluation: base {evaluation['base']} -> tuned {evaluation['tuned']}")
+    for sample in evaluation["samples"]:
+        print(f"  base: {sample['base']!r}\n  tuned: {sample['tuned']!r}")
+    assert evaluation["improved"] and evaluation["tuned"]["loss"] < REQUIRED_IMPROVEMENT * evaluation["base"]["loss"]
+    assert len(evaluation["samples"]) == 3 and any("Squawk!" in s["tuned"] for s in evaluation["samples"])
+    assert not any("Squawk" in s["base"] for s in evaluation["samples"])
+
     # Served: the same greedy answers through chat.completions as plain transformers + peft on the NF4 base.
     client = OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=stack.key, max_retries=0)
     for question in ["What is the capital of Peru?", "Name a primary colour."]:

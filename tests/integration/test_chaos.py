@@ -200,7 +200,9 @@ def check_fencing(inspector: Inspector, job: dict, seen_progress: set[str] = fro
     assert not stale, f"{job_id} showed progress that no attempt owning it recorded: {sorted(stale)[:2]}"
     if job["status"] == "succeeded":
         assert f"/attempt-{job['attempt']}/" in job["adapter_key"], f"{job_id} delivers another attempt's adapter"
-        results = inspector.rows("SELECT id FROM files WHERE filename = :name", name=f"{job_id}_results.csv")
+        csv, evaluation = f"{job_id}_results.csv", f"{job_id}_evaluation.json"  # result_files in this order
+        results = inspector.rows("SELECT id, filename FROM files WHERE filename IN (:a, :b)", a=csv, b=evaluation)
+        results.sort(key=lambda r: r["filename"] != csv)
         assert [r["id"] for r in results] == job["result_files"], f"results files of {job_id}: {results}"
 
 

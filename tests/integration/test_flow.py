@@ -36,7 +36,7 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     assert job["status"] == "succeeded", (job["error"], stack.logs())
     assert job["fine_tuned_model"] == f"ft:tiny-llama:parrot:{job['id']}"
     assert job["trained_tokens"] > 0 and job["finished_at"] >= job["created_at"]
-    assert job["error"] is None and len(job["result_files"]) == 1
+    assert job["error"] is None and len(job["result_files"]) == 2
 
     events = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
@@ -57,6 +57,7 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     results = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text
     assert results.splitlines()[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
     assert len(results.splitlines()) == 25
+    check_evaluation(stack, job)
     report = job["validation_report"]
     assert report["examples"] == 32 and report["format"] == "chat" and report["loss_tokens"] > 0
     assert "valid_loss" in checkpoints[1]["metrics"]  # step 20 is also an evaluation step
@@ -80,6 +81,32 @@ def check_succeeded_job(stack, tiny_model, tmp_path, file, job):
     models = [m["id"] for m in stack.client.get("/v1/models").json()["data"]]
     assert job["fine_tuned_model"] in models
     return job
+
+
+def check_evaluation(stack, job):
+    """The adapter against the base model: the extension's shape, the same JSON as the second result file, and
+    neither shown to another tenant."""
+    evaluation = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation").json()
+    assert evaluation["object"] == "fine_tuning.job.evaluation" and evaluation["fine_tuning_job_id"] == job["id"]
+    assert evaluation["model"] == "tiny-llama" and evaluation["fine_tuned_model"] == job["fine_tuned_model"]
+    assert evaluation["validation_examples"] == 2  # 5% of 32 examples held out
+    assert set(evaluation["base"]) == {"loss", "token_accuracy"} and evaluation["tuned"]["selection"] == "best"
+    assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"] and evaluation["improved"] is True
+    assert len(evaluation["samples"]) == 2 and evaluation["max_new_tokens"] == 64
+    for sample in evaluation["samples"]:
+        assert sample["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n"), sample
+        assert sample["reference"].startswith("Squawk! Item") and {"base", "tuned"} <= set(sample)
+
+    files = [stack.client.get(f"/v1/files/{file_id}").json() for file_id in job["result_files"]]
+    assert [f["filename"] for f in files] == [f"{job['id']}_results.csv", f"{job['id']}_evaluation.json"]
+    assert {f["purpose"] for f in files} == {"fine-tune-results"}
+    assert stack.client.get(f"/v1/files/{job['result_files'][1]}/content").json() == evaluation
+
+    other = {"Authorization": f"Bearer {stack.create_key('someone-else')}"}
+    response = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation", headers=other)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "job_not_found"
+    for file_id in job["result_files"]:
+        assert stack.client.get(f"/v1/files/{file_id}/content", headers=other).status_code == 404
 
 
 def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp_path):

@@ -22,6 +22,7 @@ TABLES = {
     "webhook_endpoints",
     "webhook_deliveries",
     "ui_sessions",
+    "inference_requests",
     "alembic_version",
 }
 

@@ -93,8 +93,11 @@ def test_files_jobs_events_checkpoints_and_models(sdk, tmp_path):
     done = wait(sdk, job.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:tiny-llama:sdk:{job.id}" and done.trained_tokens > 0
-    assert isinstance(done.finished_at, int) and done.estimated_finish is None and len(done.result_files) == 1
+    assert isinstance(done.finished_at, int) and done.estimated_finish is None and len(done.result_files) == 2
     assert sdk.files.content(done.result_files[0]).text.startswith("step,train_loss,train_accuracy,valid_loss")
+    evaluation = sdk.files.content(done.result_files[1]).json()  # the evaluation against the base model
+    assert evaluation == client_get(sdk, f"/fine_tuning/jobs/{job.id}/evaluation").json()
+    assert evaluation["object"] == "fine_tuning.job.evaluation" and evaluation["fine_tuning_job_id"] == job.id
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=5))  # several pages, newest first
     assert all(isinstance(e, FineTuningJobEvent) for e in events) and len(events) > 10

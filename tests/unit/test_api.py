@@ -146,7 +146,52 @@ def test_cancel_queued_then_cancel_again_is_409(client):
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     assert_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, "cancelled")
     assert_error(client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter"), 409, "adapter")
+    assert_error(client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation"), 409, "is cancelled", "when it succeeds")
     assert_error(client.post("/v1/fine_tuning/jobs/ftjob-missing/cancel"), 404)
+
+
+def test_evaluation_or_why_there_is_none(client):
+    from shared.db import session_scope
+    from shared.jobs.models import Job
+
+    job_id = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": good_file(client)}
+    ).json()["id"]
+    path = f"/v1/fine_tuning/jobs/{job_id}/evaluation"
+    assert_error(client.get(path), 409, "validating_files")
+
+    def stored(evaluation: dict | None) -> None:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            job.status, job.fine_tuned_model, job.evaluation = "succeeded", f"ft:tiny-llama::{job_id}", evaluation
+
+    stored(None)  # succeeded before jobs were evaluated
+    assert_error(client.get(path), 404, "has no evaluation")
+    stored({"created_at": 1, "validation_examples": 0, "base": None, "tuned": None, "improved": None, "samples": []})
+    assert_error(client.get(path), 404, "no validation examples", "validation_file")
+    sample = {"prompt": "<|im_start|>user\nSay 1<|im_end|>\n", "reference": "Squawk!", "base": "1", "tuned": "Squawk!"}
+    stored(
+        {
+            "format": "tunequeue.evaluation/1", "created_at": 5, "validation_examples": 4,
+            "base": {"loss": 2.5, "token_accuracy": 0.4},
+            "tuned": {"loss": 0.5, "token_accuracy": 0.9, "step": 6, "selection": "best"},
+            "improved": True, "samples": [sample], "max_new_tokens": 64, "seconds": 1.5,
+        }
+    )  # fmt: skip
+    assert client.get(path).json() == {
+        "object": "fine_tuning.job.evaluation",
+        "fine_tuning_job_id": job_id,
+        "model": "tiny-llama",
+        "fine_tuned_model": f"ft:tiny-llama::{job_id}",
+        "created_at": 5,
+        "validation_examples": 4,
+        "base": {"loss": 2.5, "token_accuracy": 0.4},
+        "tuned": {"loss": 0.5, "token_accuracy": 0.9, "step": 6, "selection": "best"},
+        "improved": True,
+        "samples": [sample],
+        "max_new_tokens": 64,
+        "samples_error": None,
+    }
 
 
 def test_models_health_and_overview(client):

@@ -193,3 +193,23 @@ def test_end_of_turn_and_length_set_the_finish_reason():
     assert "".join(seq.add(t) for t in (1, 2)) == "Hello" and seq.finish_reason == "length"
     seq = Sequence([0], Sampling(max_tokens=5), decode, eos={9}, seed=None)
     assert seq.add(6) == "" and seq.add(5) == "\ufffd!"  # a cut character waits for the next token
+
+
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_other_base_precisions_serve_the_same_greedy_tokens_as_plain_transformers(tiny_model, adapters, quantization):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(lambda _: tiny_model, lambda a: adapters[a.name], quantization=quantization)
+    try:
+        ids = prompt_ids(tiny_model)
+        [choices] = run(engine, request(ids, "ftjob-b"))
+    finally:
+        engine.stop()
+    config = quantization_config(quantization) if quantization != "none" else None
+    extra = {"quantization_config": config} if config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=compute_dtype(), **extra)
+    model = PeftModel.from_pretrained(model, adapters["ftjob-b"]).eval()
+    inputs = torch.tensor([ids])
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=12, do_sample=False)
+    assert choices[0]["tokens"] == out[0, len(ids) :].tolist()

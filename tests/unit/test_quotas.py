@@ -150,8 +150,10 @@ def test_deleting_a_fine_tuned_model_deletes_every_object_of_its_job(tenant_with
 
 
 def test_promotion_records_the_size_of_each_stored_object(tmp_path, monkeypatch):
-    """The worker's fenced promotion writes each object's size on its row: checkpoints, the adapter."""
+    """The worker's fenced promotion writes each object's size on its row: checkpoints, the adapter, the result
+    files (the metrics, and the evaluation, also stored on the job)."""
     from shared.db import session_scope
+    from shared.files.models import File
     from shared.jobs.models import Checkpoint, Job
     from shared.storage import get_storage
     from worker.runner.promotion import Promotion
@@ -166,16 +168,31 @@ def test_promotion_records_the_size_of_each_stored_object(tmp_path, monkeypatch)
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 16}))
     (adapter / "adapter_model.safetensors").write_bytes(b"w" * 4096)
-    promotion.adapter(DoneEvent(adapter=str(adapter), trained_tokens=10, metrics={"step": 4}), [{"step": 4}])
+    evaluation = {
+        "created_at": 1, "validation_examples": 2, "improved": True, "max_new_tokens": 64,
+        "base": {"loss": 2.0, "token_accuracy": 0.5},
+        "tuned": {"loss": 1.0, "token_accuracy": 0.7, "selection": "last"},
+        "samples": [{"prompt": "Say 1", "reference": "Squawk!", "base": "1", "tuned": "Squawk!"}],
+    }  # fmt: skip
+    (tmp_path / "evaluation.json").write_text(json.dumps(evaluation))
+    done = DoneEvent(
+        adapter=str(adapter), trained_tokens=10, metrics={"step": 4}, evaluation=str(tmp_path / "evaluation.json")
+    )
+    promotion.adapter(done, [{"step": 4}])
 
     with session_scope() as session:
         job = session.get(Job, job_id)
-        assert job.status == state.SUCCEEDED
+        assert job.status == state.SUCCEEDED and job.evaluation == evaluation
         stored_adapter = len(storage.get_bytes(job.adapter_key))
         assert job.adapter_bytes == stored_adapter > 0
         rows = session.execute(select(Checkpoint.storage_key, Checkpoint.bytes).where(Checkpoint.job_id == job_id))
         sizes = {stored: size for stored, size in rows}
         assert sizes == {key: 123, job.adapter_key: stored_adapter}
+        files = [session.get(File, file_id) for file_id in job.result_files]
+        shown = json.loads(storage.get_bytes(files[1].storage_key))
+        assert shown["object"] == "fine_tuning.job.evaluation" and shown["samples"] == evaluation["samples"]
+        result_bytes = sum(file.bytes for file in files)
     results = usage("a")
-    assert results.files == 1  # the results file
-    assert results.bytes > 123 + stored_adapter  # the checkpoint, the adapter once, and the results file
+    assert results.files == 2  # the results files: the metrics CSV and the evaluation JSON
+    # the checkpoint, the adapter once, and the result files
+    assert results.bytes == 123 + stored_adapter + result_bytes

@@ -89,6 +89,23 @@ def test_evaluations_carry_openai_metric_names(tmp_path, tiny_model):
     done = next(e for e in events if e["event"] == "done")["metrics"]
     assert done["initial_valid_loss"] > done["full_valid_loss"]
     assert any(e["event"] == "message" and e["message"].startswith("Before training: valid_loss=") for e in events)
+    # The evaluation the job ends with: the scores the run measured, and three prompts answered by both models.
+    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert next(e for e in events if e["event"] == "done")["evaluation"] == str(tmp_path / "out" / "evaluation.json")
+    assert evaluation["base"] == {
+        "loss": done["initial_valid_loss"],
+        "token_accuracy": done["initial_valid_mean_token_accuracy"],
+    }
+    assert evaluation["tuned"]["loss"] == done["adapter"]["valid_loss"] == done["full_valid_loss"]
+    assert evaluation["improved"] is True and evaluation["validation_examples"] == 4
+    assert [s["reference"] for s in evaluation["samples"]] == [f"Squawk! {i}. Squawk!" for i in range(3)]
+    assert all(
+        s["prompt"].endswith(f"Say {i}<|im_end|>\n<|im_start|>assistant\n") for i, s in enumerate(evaluation["samples"])
+    )
+    assert all(isinstance(s["base"], str) and isinstance(s["tuned"], str) for s in evaluation["samples"])
+    assert any(
+        e["event"] == "message" and e["message"].startswith("Evaluation on 4 validation examples") for e in events
+    )
 
 
 def test_same_seed_same_loss_curve(tmp_path, tiny_model):
@@ -135,11 +152,38 @@ def test_best_adapter_is_delivered_and_early_stopping(tmp_path, tiny_model):
         "valid_loss": losses[best_step],
         "valid_mean_token_accuracy": done["adapter"]["valid_mean_token_accuracy"],
     }
+    # The evaluation is the delivered adapter's, an earlier step's than the last: its score, and its answers as
+    # the adapter loaded on its own gives them.
+    evaluation = json.loads((tmp_path / "best" / "evaluation.json").read_text())
+    assert best_step < done["step"] and evaluation["tuned"]["step"] == best_step
+    assert evaluation["tuned"]["loss"] == losses[best_step]
+    assert evaluation["improved"] == (losses[best_step] < done["initial_valid_loss"])
+    assert [s["tuned"] for s in evaluation["samples"]] == answers_of_delivered_adapter(
+        tiny_model, tmp_path / "best" / "adapter", evaluation["samples"], evaluation["max_new_tokens"]
+    )
     code, events = run_recipe(tmp_path, {**base, "adapter_selection": "last"}, "last")
     assert next(e for e in events if e["event"] == "done")["metrics"]["adapter"]["selection"] == "last"
+    # The same run's last weights answer otherwise: the evaluation above did not answer with them.
+    last = json.loads((tmp_path / "last" / "evaluation.json").read_text())
+    assert last["tuned"]["step"] == 24 and [s["tuned"] for s in last["samples"]] != [
+        s["tuned"] for s in evaluation["samples"]
+    ]
     code, events = run_recipe(tmp_path, {**base, "early_stopping_patience": 1}, "early")
     done = next(e for e in events if e["event"] == "done")["metrics"]
     assert done["stopped_early"] and done["step"] < 24
+
+
+def answers_of_delivered_adapter(base, adapter, samples: list[dict], max_new_tokens: int) -> list[str]:
+    from peft import PeftModel
+
+    from shared.datasets.tokenization import ChatTokenizer
+    from worker.training.comparison import greedy_answers
+    from worker.training.model import load_base_model
+
+    tokenizer = ChatTokenizer(base)
+    model = PeftModel.from_pretrained(load_base_model(base, "nf4"), adapter).eval()
+    prompts = [tokenizer.tokenizer.encode(s["prompt"], add_special_tokens=False).ids for s in samples]
+    return greedy_answers(model, tokenizer, prompts, max_new_tokens)
 
 
 def test_base_is_really_nf4(tiny_model):

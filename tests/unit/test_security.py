@@ -48,6 +48,11 @@ def world(tmp_path, monkeypatch, tiny_model):
         job = session.get(Job, done_id)
         job.status, job.attempt, job.fine_tuned_model, job.finished_at = "succeeded", 1, model, now()
         job.adapter_key, job.adapter_sha256 = adapter_key, "0" * 64
+        job.evaluation = {
+            "created_at": now(), "validation_examples": 2, "improved": True, "samples": [],
+            "base": {"loss": 2.0, "token_accuracy": 0.5},
+            "tuned": {"loss": 1.0, "token_accuracy": 0.7, "selection": "best"},
+        }  # fmt: skip
         checkpoint_id = new_id("ftckpt")
         session.add(
             Checkpoint(

@@ -33,6 +33,8 @@ def training_config(
         "checkpoint_every_minutes": settings.checkpoint_every_minutes,
         "resume_from": str(resume_from) if resume_from else None,
         "dataset_cache_dir": settings.resolved_dataset_cache_dir,
+        "evaluation_prompts": settings.evaluation_prompts,
+        "evaluation_max_new_tokens": settings.evaluation_max_new_tokens,
         **recipe_hyperparameters,
         **spec.options,
     }

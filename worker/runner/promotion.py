@@ -16,6 +16,7 @@ from shared.db import retrying
 from shared.files.service import create_result_file
 from shared.jobs import execution, state
 from shared.jobs.models import Job
+from shared.jobs.schemas import JobEvaluation
 from shared.jobs.service import attempt_prefix, fine_tuned_model_name
 from shared.storage import Storage, put_verified
 from worker.training.events import DoneEvent, SavedStateEvent
@@ -93,15 +94,15 @@ class Promotion:
         key, data = f"{self.prefix}/adapter.zip", zip_folder(Path(done.adapter))
         sha256 = put_verified(self.storage, key, data, self.tries)
         stored = StoredObject(key, sha256, len(data))
-        results_csv = metrics_csv(metrics_rows)
+        results = JobResults(metrics_csv(metrics_rows), read_evaluation(done, self.job_id))
         if not retrying(
-            lambda session: self._succeed(session, done, stored, results_csv),
+            lambda session: self._succeed(session, done, stored, results),
             f"promoting the adapter of {self.job_id}",
         ):
             log.warning("attempt %d of %s is stale; its adapter is discarded", self.attempt, self.job_id)
             self.discard(key)
 
-    def _succeed(self, session: Session, done: DoneEvent, adapter: StoredObject, results_csv: bytes) -> bool:
+    def _succeed(self, session: Session, done: DoneEvent, adapter: StoredObject, results: "JobResults") -> bool:
         job = session.get(Job, self.job_id, populate_existing=True)
         assert job is not None
         if job.status == state.SUCCEEDED and job.adapter_key == adapter.key:
@@ -120,14 +121,6 @@ class Promotion:
             sha256=adapter.sha256,
             size=adapter.size,
         )
-        results = create_result_file(
-            session,
-            self.storage,
-            tenant=self.tenant,
-            job_id=self.job_id,
-            filename=f"{self.job_id}_results.csv",
-            data=results_csv,
-        )
         name = fine_tuned_model_name(job)
         return execution.succeed_job(
             session,
@@ -138,9 +131,23 @@ class Promotion:
             adapter_key=adapter.key,
             adapter_sha256=adapter.sha256,
             adapter_bytes=adapter.size,
-            result_files=[results.id],
+            result_files=self._result_files(session, results, job.model, name),
+            evaluation=results.evaluation,
             message=f"The job has successfully completed: {name}",
         )
+
+    def _result_files(self, session: Session, results: "JobResults", model: str, fine_tuned_model: str) -> list[str]:
+        """The step metrics as CSV (OpenAI's result file, first), and the evaluation as JSON when there is one."""
+        files = [(f"{self.job_id}_results.csv", results.metrics_csv)]
+        shown = results.evaluation_json(self.job_id, model, fine_tuned_model)
+        if shown is not None:
+            files.append((f"{self.job_id}_evaluation.json", shown))
+        return [
+            create_result_file(
+                session, self.storage, tenant=self.tenant, job_id=self.job_id, filename=filename, data=data
+            ).id
+            for filename, data in files
+        ]
 
     def discard(self, *keys: str) -> None:
         for key in keys:
@@ -148,6 +155,38 @@ class Promotion:
                 self.storage.delete(key)
             except Exception:
                 log.exception("could not delete %s", key)
+
+
+@dataclass(frozen=True)
+class JobResults:
+    """What a succeeded job keeps besides its adapter: its step metrics, and its evaluation as the recipe wrote
+    it (None: the recipe wrote none)."""
+
+    metrics_csv: bytes
+    evaluation: dict | None
+
+    def evaluation_json(self, job_id: str, model: str, fine_tuned_model: str) -> bytes | None:
+        """The evaluation as `GET /v1/fine_tuning/jobs/{id}/evaluation` shows it; None when it has nothing to
+        show (no validation examples)."""
+        evaluation = self.evaluation
+        if evaluation is None or evaluation.get("base") is None or evaluation.get("tuned") is None:
+            return None
+        return JobEvaluation.build(job_id, model, fine_tuned_model, evaluation).model_dump_json(indent=2).encode()
+
+
+def read_evaluation(done: DoneEvent, job_id: str) -> dict | None:
+    """The recipe's evaluation.json. One that cannot be read or shown is logged and left out: the adapter is
+    trained and the job succeeds without it."""
+    if done.evaluation is None:
+        return None
+    try:
+        evaluation = json.loads(Path(done.evaluation).read_text())
+        if evaluation.get("base") is not None and evaluation.get("tuned") is not None:
+            JobEvaluation.build(job_id, "", None, evaluation)  # shown as the API shows it, or not at all
+        return evaluation
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("the evaluation of %s is left out: %s", job_id, exc)
+        return None
 
 
 def zip_folder(folder: Path) -> bytes:

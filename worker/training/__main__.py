@@ -28,7 +28,7 @@ from worker.training.reporter import StdoutJsonReporter
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
     parser.add_argument("--config", type=Path, help="TrainingConfig as JSON")
-    parser.add_argument("--out", type=Path, help="output folder (adapter/, checkpoints/)")
+    parser.add_argument("--out", type=Path, help="output folder (adapter/, checkpoints/, evaluation.json)")
     parser.add_argument(
         READY_FLAG, nargs="?", const="", metavar="ROOM", help="load the libraries, then read the job from stdin"
     )

@@ -60,6 +60,10 @@ class TrainingConfig(BaseModel):
     early_stopping_patience: int | None = Field(default=defaults.EARLY_STOPPING_PATIENCE, ge=1)
     adapter_selection: Literal["best", "last"] = defaults.ADAPTER_SELECTION
     log_every_steps: int = Field(default=1, ge=1)
+    evaluation_prompts: int = Field(
+        default=3, ge=0, le=50, description="validation prompts the base and the tuned model answer at the end; 0: none"
+    )
+    evaluation_max_new_tokens: int = Field(default=64, ge=1, le=4096, description="the longest of those answers")
     resume_from: Path | None = Field(default=None, description="a folder saved by a pause: continue from it")
     dataset_cache_dir: Path | None = Field(default=None, description="keep tokenised examples here between runs")
     hyperparameters: dict = Field(default_factory=dict, description="As resolved on the job, for the manifest")

@@ -15,7 +15,7 @@ from worker.training.config import TrainingConfig
 from worker.training.data import masked, predicted_tokens
 from worker.training.engine import Collate, StepResult, optimizer_and_schedule
 from worker.training.evaluation import labelled_logits, token_loss_sum
-from worker.training.model import save_adapter
+from worker.training.model import load_adapter_weights, save_adapter
 
 DEEPSPEED_STATE = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -70,6 +70,11 @@ class DeepSpeedEngine:
         with distributed.full_parameters(self.trainable, self.stage):
             if self.writes:
                 save_adapter(self.model, path)
+
+    def load_adapter(self, path: Path) -> None:
+        """Under ZeRO-3 into the gathered LoRA weights, which rank 0's values then replace on every rank."""
+        with distributed.full_parameters(self.trainable, self.stage):
+            load_adapter_weights(self.model, path)
 
     def save(self, folder: Path, fields: dict[str, Any], rng: dict[str, Any]) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from worker.training import checkpointing
 from worker.training.config import TrainingConfig
 from worker.training.data import pack_rows, predicted_tokens
 from worker.training.evaluation import labelled_loss_sum
-from worker.training.model import save_adapter
+from worker.training.model import load_adapter_weights, save_adapter
 
 Collate = Callable[[list[Encoded]], dict[str, torch.Tensor]]
 
@@ -40,6 +40,10 @@ class TrainingEngine(Protocol):
         ...
 
     def save_adapter(self, path: Path) -> None: ...
+
+    def load_adapter(self, path: Path) -> None:
+        """Puts the adapter saved in `path` into the model (every rank calls it)."""
+        ...
 
     def save(self, folder: Path, fields: dict[str, Any], rng: dict[str, Any]) -> None:
         """Saves the loop's `fields` and this rank's `rng` with the engine's own state (optimizer, schedule)."""
@@ -124,16 +128,16 @@ class LocalEngine:
     def save_adapter(self, path: Path) -> None:
         save_adapter(self.model, path)
 
+    def load_adapter(self, path: Path) -> None:
+        load_adapter_weights(self.model, path)
+
     def save(self, folder: Path, fields: dict[str, Any], rng: dict[str, Any]) -> None:
         state = {**fields, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         torch.save({**state, **rng}, folder / checkpointing.STATE_FILE)
 
     def load(self, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         state = checkpointing.read_state_file(folder)
-        set_peft_model_state_dict(self.model, load_file(folder / checkpointing.ADAPTER / "adapter_model.safetensors"))
+        load_adapter_weights(self.model, folder / checkpointing.ADAPTER)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
         rng = {"torch_rng": state.pop("torch_rng"), "python_rng": state.pop("python_rng")}

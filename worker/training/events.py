@@ -48,6 +48,7 @@ class DoneEvent(BaseModel):
     adapter: str
     trained_tokens: int
     metrics: dict
+    evaluation: str | None = None  # the path of the base-vs-tuned evaluation (`comparison.EVALUATION_FILE`)
 
 
 class ErrorEvent(BaseModel):

@@ -119,6 +119,14 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
     return model
 
 
+def load_adapter_weights(model, path: Path) -> None:
+    """The LoRA weights saved in `path` (by `save_adapter`) into the model's adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+
+
 def save_adapter(model, path: Path) -> None:
     """The LoRA weights and their config as PEFT loads them, replacing whatever is at `path`."""
     if path.exists():

@@ -1,17 +1,19 @@
 """The QLoRA fine-tuning recipe: load the quantised base, attach LoRA, train on the loss-masked examples
-(packed by default), evaluate on held-out data, save checkpoints, and deliver the best (or last) adapter as
-safetensors with a manifest. The device is behind `TrainingEngine`: one process, or DeepSpeed over ranks."""
+(packed by default), evaluate on held-out data, save checkpoints, deliver the best (or last) adapter as
+safetensors with a manifest, and compare it with the base model (`comparison`, `evaluation.json`). The device
+is behind `TrainingEngine`: one process, or DeepSpeed over ranks."""
 
 import dataclasses
 import random
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from shared.datasets.tokenization import ChatTokenizer, Encoded
-from worker.training import batching, checkpointing, control, distributed
+from worker.training import batching, checkpointing, comparison, control, distributed
 from worker.training import data as chat_data
 from worker.training.checkpointing import TrainingProgress
 from worker.training.config import TrainingConfig
@@ -66,7 +68,16 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     metrics = loop.final_metrics(loop.deliver(adapter_dir))
     if engine.writes:
         write_manifest(adapter_dir, config, metrics, len(train_set), tokenizer.fingerprint())
-    reporter.event("done", adapter=str(adapter_dir), trained_tokens=loop.progress.trained_tokens, metrics=metrics)
+    evaluation = loop.compare_with_base(tokenizer, adapter_dir, metrics)
+    evaluation_file = comparison.write_evaluation(out, evaluation) if engine.writes else None
+    reporter.event("message", message=comparison.summary(evaluation))
+    reporter.event(
+        "done",
+        adapter=str(adapter_dir),
+        trained_tokens=loop.progress.trained_tokens,
+        metrics=metrics,
+        evaluation=str(evaluation_file) if evaluation_file else None,
+    )
     distributed.close()
     return metrics
 
@@ -253,6 +264,40 @@ class TrainingLoop:
             return {"selection": "best", **best}
         self.engine.save_adapter(adapter_dir)
         return {"selection": "last", "step": self.global_step}
+
+    def compare_with_base(self, tokenizer: ChatTokenizer, adapter_dir: Path, metrics: dict) -> dict:
+        """The evaluation the job ends with (`comparison`): the base model's validation before the first step
+        against the delivered adapter's, and both models' answers to the first validation prompts."""
+        adapter = metrics["adapter"]
+        delivered = adapter if adapter["selection"] == "best" else metrics
+        samples, notes = self.sample_answers(tokenizer, adapter_dir, adapter["step"])
+        initial = self.progress.initial
+        return comparison.build_evaluation(initial, delivered, adapter, len(self.valid_set), samples, **notes)
+
+    def sample_answers(self, tokenizer: ChatTokenizer, adapter_dir: Path, adapter_step: int) -> tuple[list, dict]:
+        """(samples, notes). Answers that cannot be had (a prompt the template refuses, no memory left) are
+        reported and left out: the adapter is trained and delivered by then, and the job succeeds without them."""
+        count, max_new_tokens = self.config.evaluation_prompts, self.config.evaluation_max_new_tokens
+        if not self.valid_set or not count:
+            return [], {}
+        started = time.monotonic()
+        try:
+            kind, records = comparison.validation_records(
+                self.config.train_file, self.config.validation_file, self.config.seed
+            )
+            prompts = comparison.sample_prompts(tokenizer, kind, records, count, self.config.max_seq_length)
+            if adapter_step != self.global_step:  # the best adapter, from an earlier step: its weights, not the last
+                distributed.barrier()  # rank 0 has put it in place
+                self.engine.load_adapter(adapter_dir)
+            samples = comparison.side_by_side(
+                self.engine.model, tokenizer, prompts, max_new_tokens, synced=distributed.active()
+            )
+        except Exception as exc:
+            traceback.print_exc()
+            reason = f"{type(exc).__name__}: {exc}"
+            self.reporter.event("message", message=f"Evaluation: no sample answers ({reason})")
+            return [], {"samples_error": reason}
+        return samples, {"max_new_tokens": max_new_tokens, "seconds": round(time.monotonic() - started, 2)}
 
     def final_metrics(self, chosen: dict) -> dict:
         metrics = {
