@@ -209,8 +209,11 @@ def ask(client: httpx.Client, model: str, prompt: str, stream: bool = False) -> 
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0}
     if not stream:
         response = client.post("/v1/chat/completions", json=body, timeout=600)
-        while response.status_code == 429:  # over the tenant's concurrent completions: wait as it says, as SDKs do
-            time.sleep(float(response.headers.get("Retry-After", "1")))
+        retries = 3
+        # 429: over the tenant's completions in flight; 503: no worker could take it yet. Wait, as SDKs do.
+        while response.status_code == 429 or (response.status_code == 503 and retries > 0):
+            retries -= response.status_code == 503
+            time.sleep(float(response.headers.get("Retry-After", "2")))
             response = client.post("/v1/chat/completions", json=body, timeout=600)
         response.raise_for_status()
         return response.json()["choices"][0]["message"]["content"]

@@ -12,7 +12,10 @@ from shared.workers.models import WorkerHeartbeat
 from shared.workers.service import record_heartbeat
 
 ROLE = "inference"
+# A worker stays routable this long after its last heartbeat: loading a base model can hold the interpreter
+# for many seconds, and a worker that is really gone costs only a refused connection (the next one is tried).
 STALE_AFTER_BEATS = 3
+STALE_AFTER_AT_LEAST_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ def forget(session: Session, name: str) -> None:
 def endpoints_for(session: Session, base: str, adapter: str | None, *, heartbeat_seconds: float) -> list[Endpoint]:
     """The live inference workers that may serve `base` (all, unless a worker is pinned to other models), best
     first: holding the adapter, then holding the base, then the fewest requests in flight."""
-    since = now() - int(heartbeat_seconds * STALE_AFTER_BEATS) - 1
+    since = now() - int(max(heartbeat_seconds * STALE_AFTER_BEATS, STALE_AFTER_AT_LEAST_SECONDS)) - 1
     rows = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat >= since))
     found = []
     for row in rows:
