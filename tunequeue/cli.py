@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve completions (base models held, adapters on top) instead of training",
     )
     serving.add_argument("--host", default="127.0.0.1", help="address the inference worker listens on")
-    serving.add_argument("--port", type=int, default=0, help="its port (default: any free one)")
+    serving.add_argument("--port", type=int, help="its port (default: any free one)")
     serving.add_argument("--advertise-url", help="the URL the API reaches it at (default: http://HOST:PORT)")
     serving.add_argument(
-        "--models", default="", help="base model ids to load at start and to serve only (default: any, on first use)"
+        "--models", help="base model ids to load at start and to serve only (default: any, on first use)"
     )
 
     keys = actions(command("keys", "API keys"))

@@ -129,8 +129,8 @@ def run_inference_worker(args, devices: str | None) -> int:
     require_current_schema()
     if devices:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices  # these GPUs only, as a training worker's slots pin them
-    command = [*inference_worker_command(), "--host", args.host, "--port", str(args.port)]
-    command += ["--models", args.models] + (["--advertise-url", args.advertise_url] if args.advertise_url else [])
+    command = [*inference_worker_command(), "--host", args.host, "--port", str(args.port or 0)]
+    command += ["--models", args.models or ""] + (["--advertise-url", args.advertise_url] if args.advertise_url else [])
     os.execv(sys.executable, command)
 
 
