@@ -92,12 +92,13 @@ def assert_same_adapter(adapter, reference, min_cosine: float = 0.8) -> None:
 
 
 def loss_tolerance() -> float:
-    """How far two runs of the same steps may drift apart by rounding and dropout alone (bf16: 0.003 measured)."""
+    """How far two runs of the same steps may drift apart by rounding and dropout alone (bf16: 0.003 measured;
+    float32 on an AVX2 CPU: 0.0078 on a loss of 10.4, two processes against one with an uneven last batch)."""
     import torch
 
     from worker.training.model import compute_dtype
 
-    return 0.005 if compute_dtype() == torch.float32 else 0.02
+    return 0.01 if compute_dtype() == torch.float32 else 0.02
 
 
 # (devices, ZeRO stage, training examples, batch size, packing): each epoch ends on a batch with fewer examples
