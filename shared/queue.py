@@ -11,6 +11,7 @@ from shared.settings import get_settings
 
 VALIDATE_TASK = "jobs.validate"
 TRAIN_TASK = "jobs.train"
+EVALUATE_TASK = "jobs.evaluate"  # an evaluation asked for on demand (`shared.jobs.evaluations`)
 
 
 @lru_cache
@@ -75,6 +76,11 @@ def publish(task_name: str, job_id: str) -> None:
 def publish_training(job_id: str, devices: int, priority: int) -> None:
     """To the queue of its device class, at its priority (9 = first; kombu's Redis reads level 0 first)."""
     get_celery().send_task(TRAIN_TASK, args=[job_id], queue=train_queue(devices), priority=9 - priority)
+
+
+def publish_evaluation(job_id: str, priority: int) -> None:
+    """Where a one-device job of the same priority goes: it takes a slot as long as it runs."""
+    get_celery().send_task(EVALUATE_TASK, args=[job_id], queue=train_queue(1), priority=9 - priority)
 
 
 def queue_depth() -> int | None:

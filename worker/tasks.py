@@ -3,8 +3,8 @@
 import logging
 import os
 import socket
-import threading
 import time
+from functools import partial
 
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
@@ -13,15 +13,17 @@ from shared.basemodels.models import BaseModelRecord
 from shared.db import after_commit, retrying, session_scope
 from shared.files.models import File
 from shared.ids import now
-from shared.jobs import execution, state
+from shared.jobs import evaluations, execution, state
 from shared.jobs.datacheck import check_job_data
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job
-from shared.queue import TRAIN_TASK, VALIDATE_TASK, get_celery
+from shared.queue import EVALUATE_TASK, TRAIN_TASK, VALIDATE_TASK, get_celery, publish_evaluation
 from shared.settings import get_settings
 from shared.storage import StorageError, get_storage
 from shared.workers import service as workers
 from worker.runner import JobRunner, RecipeFailed, RetryAttempt
+from worker.runner.evaluation import run_evaluation
+from worker.runner.lease import ClaimRenewal
 from worker.slots import Lease, Slots
 
 log = logging.getLogger("tunequeue.worker")
@@ -55,7 +57,8 @@ def validate(job_id: str) -> None:
         _fail_validation(job_id, "invalid_training_file", "a file or the base model of this job was deleted", None)
         return
     try:
-        with ValidationLease(job_id, worker, settings.lease_seconds):
+        renewal = partial(renew_validation, job_id=job_id, worker=worker, lease_seconds=settings.lease_seconds)
+        with ClaimRenewal(f"validation of {job_id}", renewal, settings.lease_seconds):
             check = check_job_data(
                 get_storage(),
                 settings,
@@ -97,34 +100,14 @@ def claim_validation(session: Session, job_id: str, worker: str, lease_seconds: 
     return claimed.rowcount == 1  # type: ignore[attr-defined]
 
 
-class ValidationLease:
-    """Renews a validation claim from a thread while the data is checked (a long line or a slow tokenizer
-    download would otherwise outlast the lease), and stops before the job leaves validating_files."""
-
-    def __init__(self, job_id: str, worker: str, lease_seconds: float):
-        self.job_id, self.worker, self.lease_seconds = job_id, worker, lease_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"validation-lease-{job_id}", daemon=True)
-
-    def __enter__(self) -> "ValidationLease":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                with session_scope() as session:
-                    session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.status == state.VALIDATING, Job.worker == self.worker)
-                        .values(lease_expires_at=now() + int(self.lease_seconds), updated_at=now())
-                    )
-            except Exception:  # the database is away for a moment: the next renewal tries again
-                log.warning("could not renew the validation lease of %s", self.job_id, exc_info=True)
+def renew_validation(session: Session, *, job_id: str, worker: str, lease_seconds: float) -> None:
+    """The validation claim, renewed while the data is checked (a long line or a slow tokenizer download would
+    otherwise outlast it), until the job leaves validating_files."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == state.VALIDATING, Job.worker == worker)
+        .values(lease_expires_at=now() + int(lease_seconds), updated_at=now())
+    )
 
 
 def _fail_validation(job_id: str, code: str, message: str, param: str | None) -> None:
@@ -179,9 +162,32 @@ def train(job_id: str) -> None:
     finally:
         RUNNING_JOBS.discard(job_id)
         if usage:
-            retrying(
-                lambda session: workers.end_device_usage(session, usage), f"recording device release of {job_id}"
-            )
+            retrying(lambda session: workers.end_device_usage(session, usage), f"recording device release of {job_id}")
+        slots.release(lease)
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate(job_id: str) -> None:
+    """An evaluation asked for on demand (`shared.jobs.evaluations`), on one slot like a one-device job of the
+    same priority. A message for an evaluation that is made or being made is acked without taking a slot."""
+    settings = get_settings()
+    with session_scope() as session:
+        if not evaluations.evaluation_wanted(session, job_id):
+            log.info("evaluation of %s is not queued (done, or another worker holds it); acking", job_id)
+            return
+        job = session.get(Job, job_id)
+        priority = job.priority if job is not None else 0
+    slots = get_slots()
+    lease = slots.acquire(1, priority, timeout=settings.slot_wait_seconds)
+    if lease is None:  # no slot here soon enough: back to the broker, as a training job
+        publish_evaluation(job_id, priority)
+        return
+    try:
+        with session_scope() as session:
+            claimed = evaluations.claim_evaluation(session, job_id, settings.lease_seconds) is not None
+        if claimed:
+            run_evaluation(job_id, lease)
+    finally:
         slots.release(lease)
 
 

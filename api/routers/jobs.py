@@ -1,7 +1,7 @@
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -13,9 +13,17 @@ from api.responses import rendered
 from api.streams import event_stream
 from shared.errors import InvalidRequest
 from shared.idempotency.service import idempotent, request_fingerprint
-from shared.jobs import service
+from shared.jobs import evaluations, service
 from shared.jobs.estimate import dry_run
-from shared.jobs.schemas import CheckpointObject, DryRun, FineTuningJob, JobCreate, JobEvaluation, JobEventObject
+from shared.jobs.schemas import (
+    CheckpointObject,
+    DryRun,
+    EvaluationState,
+    FineTuningJob,
+    JobCreate,
+    JobEvaluation,
+    JobEventObject,
+)
 from shared.jobs.status import JobStatus
 from shared.pagination import Page
 
@@ -165,12 +173,37 @@ def list_checkpoints(
     return Page[CheckpointObject].of(checkpoints, limit, lambda c: CheckpointObject.of(c, name)).with_ids()
 
 
-@router.get("/{job_id}/evaluation", response_model=JobEvaluation, responses=declare(404))
+@router.get("/{job_id}/evaluation", response_model=JobEvaluation | EvaluationState, responses=declare(404))
 def job_evaluation(session: ReadSession, tenant: Tenant, job_id: str):
     """tunequeue's own: the delivered adapter against the base model on the job's validation set (both models'
     loss and token accuracy, and their greedy answers to the first validation prompts side by side). 409 until
-    the job has succeeded; 404, saying why, when it has none."""
-    return JobEvaluation.of(service.evaluated_job(session, tenant, job_id))
+    the job has succeeded; while an evaluation asked for with POST is being made, its `status` (`queued`,
+    `running`, `failed` with `error`); 404, saying why, when it has none."""
+    return evaluation_or_state(service.get_job(session, tenant, job_id), session, tenant)
+
+
+@router.post(
+    "/{job_id}/evaluation",
+    response_model=JobEvaluation | EvaluationState,
+    responses={**declare(404), 202: {"model": EvaluationState, "description": "Queued or being made"}},
+)
+def request_evaluation(session: DbSession, tenant: Tenant, job_id: str, response: Response):
+    """tunequeue's own: make the evaluation of a succeeded job that has none (it ran before every job was
+    evaluated, or its evaluation failed), on a training worker. 202 with its `status` while it is queued or
+    running (poll GET); 200 with the evaluation once there is one. Asking again while one is on its way starts
+    nothing more."""
+    job = evaluations.request_evaluation(session, tenant, job_id)
+    shown = evaluation_or_state(job, session, tenant)
+    if isinstance(shown, EvaluationState):
+        response.status_code = 202
+    return shown
+
+
+def evaluation_or_state(job, session, tenant: str) -> JobEvaluation | EvaluationState:
+    status = evaluations.shown_status(job)
+    if status in (evaluations.QUEUED, evaluations.RUNNING, evaluations.FAILED):
+        return EvaluationState.of(job, status, evaluations.shown_error(job))
+    return JobEvaluation.of(evaluations.finished_evaluation(session, tenant, job.id))
 
 
 @router.get(

@@ -51,6 +51,11 @@ class Job(Base):
     validation_report: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # The delivered adapter against the base model, as the recipe wrote it (`worker.training.comparison`).
     evaluation: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # An evaluation asked for on demand (`shared.jobs.evaluations`): queued, running, succeeded or failed; the
+    # claim of its queued message or running worker, renewed while it runs; why it failed.
+    evaluation_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    evaluation_lease_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    evaluation_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     resume_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # saved training state

@@ -290,6 +290,7 @@ class JobEvaluation(BaseModel):
     fine_tuning_job_id: str
     model: str
     fine_tuned_model: str | None
+    status: Literal["succeeded"] = "succeeded"
     created_at: int
     validation_examples: int
     base: EvaluationScores
@@ -313,3 +314,20 @@ class JobEvaluation(BaseModel):
             {"fine_tuning_job_id": job_id, "model": model, "fine_tuned_model": fine_tuned_model}
             | {name: stored.get(name) for name in fields if stored.get(name) is not None}
         )
+
+
+class EvaluationState(BaseModel):
+    """An evaluation asked for on demand (`POST /v1/fine_tuning/jobs/{id}/evaluation`) that has no figures yet:
+    `queued` or `running`, or `failed` with the reason (ask again to start it anew)."""
+
+    object: Literal["fine_tuning.job.evaluation"] = "fine_tuning.job.evaluation"
+    fine_tuning_job_id: str
+    model: str
+    fine_tuned_model: str | None
+    status: Literal["queued", "running", "failed"]
+    error: str | None = Field(None, description="why it failed")
+
+    @classmethod
+    def of(cls, job: Job, status: str, error: str | None) -> "EvaluationState":
+        shown = {"fine_tuning_job_id": job.id, "model": job.model, "fine_tuned_model": job.fine_tuned_model}
+        return cls.model_validate({**shown, "status": status, "error": error})

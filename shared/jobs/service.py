@@ -20,8 +20,6 @@ from shared.jobs import state
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.errors import (
     AdapterNotReady,
-    EvaluationNotFound,
-    EvaluationNotReady,
     JobConflict,
     JobNotCancellable,
     JobNotFound,
@@ -410,29 +408,6 @@ def downloadable_adapter(session: Session, tenant: str, job_id: str) -> tuple[st
     if job.status != JobStatus.SUCCEEDED or not job.adapter_key:
         raise AdapterNotReady(job_id, job.status)
     return job.adapter_key, job.adapter_sha256
-
-
-def evaluated_job(session: Session, tenant: str, job_id: str) -> Job:
-    """The tenant's job with its evaluation (the delivered adapter against the base model), or why it has none:
-    409 until the job has succeeded, 404 when it had no validation examples or succeeded before jobs were
-    evaluated."""
-    job = get_job(session, tenant, job_id)
-    if job.status != JobStatus.SUCCEEDED:
-        raise EvaluationNotReady(job_id, job.status)
-    evaluation = job.evaluation
-    if evaluation is None:
-        raise EvaluationNotFound(
-            f"Job {job_id} has no evaluation: it succeeded before tunequeue evaluated every job, or its "
-            "evaluation could not be read when it finished",
-            "evaluation_not_found",
-        )
-    if evaluation.get("base") is None or evaluation.get("tuned") is None:
-        raise EvaluationNotFound(
-            f"Job {job_id} had no validation examples to evaluate on: give a validation_file, or a training file "
-            "of at least 20 examples (5% of it, at most 200, is then held out)",
-            "no_validation_examples",
-        )
-    return job
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

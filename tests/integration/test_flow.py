@@ -9,6 +9,7 @@ import zipfile
 
 import pytest
 
+from tests.faults import wait_for
 from tests.support import chat, extract_zip, generate_in_fresh_process, training_processes, write_jsonl
 
 
@@ -109,10 +110,53 @@ def check_evaluation(stack, job):
         assert stack.client.get(f"/v1/files/{file_id}/content", headers=other).status_code == 404
 
 
+def check_evaluation_on_demand(stack, job):
+    """A job that succeeded without an evaluation (as before every job was evaluated) gets one on request, made
+    by the worker from the delivered adapter on the job's own held-out share: the figures of the one the job
+    made, a second request while it runs starts nothing more, and its JSON joins the result files."""
+    import sqlalchemy
+
+    path = f"/v1/fine_tuning/jobs/{job['id']}/evaluation"
+    made = stack.client.get(path).json()
+    job = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    engine = sqlalchemy.create_engine(stack.env["TUNEQUEUE_DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE jobs SET evaluation = NULL, result_files = CAST(:files AS JSON) WHERE id = :id"),
+            {"files": json.dumps(job["result_files"][:1]), "id": job["id"]},
+        )
+    engine.dispose()
+    assert stack.client.get(path).json()["error"]["code"] == "evaluation_not_found"
+    assert stack.client.post(path).status_code == 202
+    assert stack.client.post(path).json()["status"] in ("queued", "running")
+
+    def finished():
+        shown = stack.client.get(path).json()
+        return shown if shown["status"] not in ("queued", "running") else None
+
+    again = wait_for(finished, 180, "the evaluation")
+    assert again["status"] == "succeeded", again
+    assert again["validation_examples"] == made["validation_examples"] and again["tuned"] == {
+        **made["tuned"], "loss": pytest.approx(made["tuned"]["loss"], rel=1e-3),
+        "token_accuracy": pytest.approx(made["tuned"]["token_accuracy"], abs=0.02),
+    }  # fmt: skip
+    assert again["base"]["loss"] == pytest.approx(made["base"]["loss"], rel=1e-3)
+    assert [s["prompt"] for s in again["samples"]] == [s["prompt"] for s in made["samples"]]
+    assert stack.client.post(path).json() == again  # made: returned, not made again
+    refreshed = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert refreshed["result_files"][0] == job["result_files"][0] and len(refreshed["result_files"]) == 2
+    assert stack.client.get(f"/v1/files/{refreshed['result_files'][1]}/content").json() == again
+    messages = [e["message"] for e in stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert messages[0].startswith("Evaluation on 2 validation examples")
+    assert messages.count("Evaluation against the base model started") == 1  # one run for the two requests
+    assert messages[1:3] == ["Evaluation against the base model started", "Evaluation against the base model requested"]
+
+
 def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp_path):
     stack = make_stack({**production_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10"}, tiny_model)
     file, job = run_job(stack, tmp_path)
     check_succeeded_job(stack, tiny_model, tmp_path, file, job)
+    check_evaluation_on_demand(stack, job)
     ready = stack.client.get("/readyz").json()
     assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
     overview = stack.client.get("/admin/overview").json()

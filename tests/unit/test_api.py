@@ -165,8 +165,10 @@ def test_evaluation_or_why_there_is_none(client):
             job = session.get(Job, job_id)
             job.status, job.fine_tuned_model, job.evaluation = "succeeded", f"ft:tiny-llama::{job_id}", evaluation
 
+    assert_error(client.post(path), 409, "validating_files")
     stored(None)  # succeeded before jobs were evaluated
-    assert_error(client.get(path), 404, "has no evaluation")
+    assert_error(client.get(path), 404, "has no evaluation", f"POST {path}")
+    asked_for(client, job_id, path)
     stored({"created_at": 1, "validation_examples": 0, "base": None, "tuned": None, "improved": None, "samples": []})
     assert_error(client.get(path), 404, "no validation examples", "validation_file")
     sample = {"prompt": "<|im_start|>user\nSay 1<|im_end|>\n", "reference": "Squawk!", "base": "1", "tuned": "Squawk!"}
@@ -183,6 +185,7 @@ def test_evaluation_or_why_there_is_none(client):
         "fine_tuning_job_id": job_id,
         "model": "tiny-llama",
         "fine_tuned_model": f"ft:tiny-llama::{job_id}",
+        "status": "succeeded",
         "created_at": 5,
         "validation_examples": 4,
         "base": {"loss": 2.5, "token_accuracy": 0.4},
@@ -192,6 +195,51 @@ def test_evaluation_or_why_there_is_none(client):
         "max_new_tokens": 64,
         "samples_error": None,
     }
+
+
+def asked_for(client, job_id: str, path: str) -> None:
+    """An evaluation asked for on demand, through each state a worker takes it (`shared.jobs.evaluations`);
+    the message is published once however many times it is asked for while on its way."""
+    from shared.db import session_scope
+    from shared.jobs import evaluations
+    from shared.jobs.models import Job
+    from shared.queue import EVALUATE_TASK, queue_depths, train_queue, waiting_messages
+
+    def state() -> dict:
+        return {k: v for k, v in client.get(path).json().items() if k in ("status", "error")}
+
+    def published() -> int:
+        assert (EVALUATE_TASK, job_id) in (waiting_messages() or ())
+        return (queue_depths() or {})[train_queue(1)]
+
+    first = client.post(path)
+    assert first.status_code == 202 and first.json()["status"] == "queued", first.text
+    assert client.post(path).status_code == 202 and published() == 1
+    assert state() == {"status": "queued", "error": None}
+    with session_scope() as session:
+        assert evaluations.claim_evaluation(session, job_id, lease_seconds=60) is not None
+        assert evaluations.claim_evaluation(session, job_id, lease_seconds=60) is None  # a duplicate message
+    assert state() == {"status": "running", "error": None}
+    assert client.post(path).json()["status"] == "running" and published() == 1
+    with session_scope() as session:
+        evaluations.fail_evaluation(session, job_id, "its process failed: out of memory")
+    assert state() == {"status": "failed", "error": "its process failed: out of memory"}
+    assert client.post(path).json()["status"] == "queued" and published() == 2  # asked again: started anew
+    with session_scope() as session:
+        evaluations.claim_evaluation(session, job_id, lease_seconds=60)
+        session.get(Job, job_id).evaluation_lease_expires_at = 0  # its worker died
+    assert state() == {"status": "failed", "error": evaluations.WORKER_LOST}
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.evaluation_status, job.evaluation_lease_expires_at = None, None
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert [e["message"] for e in events][:5] == [
+        "Evaluation against the base model started",
+        "Evaluation against the base model requested",
+        "Evaluation failed: its process failed: out of memory",
+        "Evaluation against the base model started",
+        "Evaluation against the base model requested",
+    ]
 
 
 def test_models_health_and_overview(client):

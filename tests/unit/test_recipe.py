@@ -65,6 +65,25 @@ def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
     assert manifest["dataset"]["sha256"] == "abc" and "bitsandbytes" in manifest["libraries"]
     assert manifest["training"]["quantization"] == "nf4" and manifest["seed"] == 3
     assert len(manifest["tokenizer_sha256"]) == 64
+    # Made again on demand from the delivered adapter and the job's config: the same held-out share of the
+    # training file (seed 3), the same figures and the same prompts.
+    made = tmp_path / "again"
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.training.evaluate_job", "--config", str(tmp_path / "out.json"),
+         "--adapter", str(adapter), "--out", str(made)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["summary"].startswith("Evaluation on 1 validation examples")
+    original, again = (json.loads((folder / "evaluation.json").read_text()) for folder in (tmp_path / "out", made))
+    assert again["validation_examples"] == original["validation_examples"] == 1  # 5% of 24
+    assert again["tuned"]["step"] == original["tuned"]["step"] == done["metrics"]["adapter"]["step"]
+    for model in ("base", "tuned"):
+        assert again[model]["loss"] == pytest.approx(original[model]["loss"], rel=1e-3)
+        assert again[model]["token_accuracy"] == pytest.approx(original[model]["token_accuracy"], abs=0.02)
+    assert [(s["prompt"], s["reference"]) for s in again["samples"]] == [
+        (s["prompt"], s["reference"]) for s in original["samples"]
+    ]
 
 
 def test_evaluations_carry_openai_metric_names(tmp_path, tiny_model):

@@ -2,6 +2,9 @@
 
 import logging
 import threading
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
 
 from shared.db import session_scope
 from shared.jobs import execution
@@ -30,3 +33,29 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
+
+
+class ClaimRenewal:
+    """Renews a claim other than an attempt's (a validation's, an evaluation's) from a thread, every third of
+    its lease, while open. `renew` is one UPDATE in the session it is given."""
+
+    def __init__(self, what: str, renew: Callable[[Session], object], lease_seconds: float):
+        self.what, self.renew, self.lease_seconds = what, renew, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"claim-{what}", daemon=True)
+
+    def __enter__(self) -> "ClaimRenewal":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                with session_scope() as session:
+                    self.renew(session)
+            except Exception:  # the database is away for a moment: the next renewal tries again
+                log.warning("could not renew the claim of %s", self.what, exc_info=True)

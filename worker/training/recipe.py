@@ -38,14 +38,7 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = ChatTokenizer(config.base_model_path)
-    train_set, valid_set = chat_data.load_examples(
-        tokenizer,
-        config.train_file,
-        config.validation_file,
-        max_seq_length=config.max_seq_length,
-        seed=config.seed,
-        train_on_inputs=config.train_on_inputs,
-    )
+    train_set, valid_set = job_examples(config, tokenizer)
     reporter.event(
         "message",
         message=f"{len(train_set)} training and {len(valid_set)} validation examples; computing in "
@@ -80,6 +73,19 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     )
     distributed.close()
     return metrics
+
+
+def job_examples(config: TrainingConfig, tokenizer: ChatTokenizer) -> tuple[list[Encoded], list[Encoded]]:
+    """The job's training and validation examples: its validation file, or the share of the training file held
+    out by its seed."""
+    return chat_data.load_examples(
+        tokenizer,
+        config.train_file,
+        config.validation_file,
+        max_seq_length=config.max_seq_length,
+        seed=config.seed,
+        train_on_inputs=config.train_on_inputs,
+    )
 
 
 def lora_model(config: TrainingConfig):
