@@ -1,0 +1,172 @@
+"""A job's model exported as merged safetensors, with its fidelity measured against the model as trained:
+
+    python -m worker.training.export --config cfg.json --adapter DIR --out DIR [--dtype D] [--base-weights W]
+
+`cfg.json` is the job's own TrainingConfig (`worker.runner.config`). Writes `DIR/model/`: the merged weights in
+shards (`merge`), the base's config, generation config, tokenizer and chat template, and `tunequeue_export.json`,
+the export's manifest. Then loads both models — the quantised base with the adapter, as the job trained and
+serves it, and the merged folder with plain `AutoModelForCausalLM.from_pretrained` — and compares them on the
+job's validation examples (the first training examples when it has none): the largest difference of any logit at
+a trained position, the mean KL divergence of the merged model's next-token distribution from the trained one's,
+both models' loss, and both models' greedy answers to the first validation prompts. The export passes when the
+merged model's loss is within `--max-loss-drift` (relative) of the trained model's.
+
+Prints one JSON line, `{"manifest": path, "passed": bool, "summary": "…"}`; progress goes to stderr."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from worker.training import comparison
+from worker.training import data as chat_data
+from worker.training.config import TrainingConfig
+from worker.training.merge import Quantisation, merge
+from worker.training.process import die_with_parent
+
+MANIFEST = "tunequeue_export.json"
+FORMAT = "tunequeue.export/1"
+MAX_LOSS_DRIFT = 0.01  # the merged model's held-out loss within 1% of the model as trained
+FIDELITY_EXAMPLES = 64  # validation examples compared, at most (each through both models)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def fidelity(reference, merged, examples, collate, batch_size: int) -> dict:
+    """The merged model against the reference at every trained position of `examples`."""
+    from worker.training.evaluation import labelled_logits
+
+    max_delta, kl_sum, loss_ref, loss_merged, agree, positions = 0.0, 0.0, 0.0, 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size])
+        ref_logits, targets = labelled_logits(reference, batch)
+        new_logits, _ = labelled_logits(merged, batch)
+        ref_logits, new_logits = ref_logits.float(), new_logits.float()
+        max_delta = max(max_delta, float((ref_logits - new_logits).abs().max()) if targets.numel() else 0.0)
+        ref_log, new_log = ref_logits.log_softmax(-1), new_logits.log_softmax(-1)
+        kl_sum += float((ref_log.exp() * (ref_log - new_log)).sum())
+        loss_ref += float(torch.nn.functional.cross_entropy(ref_logits, targets, reduction="sum"))
+        loss_merged += float(torch.nn.functional.cross_entropy(new_logits, targets, reduction="sum"))
+        agree += int((ref_logits.argmax(-1) == new_logits.argmax(-1)).sum())
+        positions += int(targets.numel())
+    count = max(positions, 1)
+    return {
+        "positions": positions,
+        "max_abs_logit_delta": round(max_delta, 6),
+        "mean_kl": kl_sum / count,
+        "loss_trained": loss_ref / count,
+        "loss_merged": loss_merged / count,
+        "loss_drift": abs(loss_merged - loss_ref) / max(loss_ref, 1e-12),
+        "top1_agreement": agree / count,
+    }
+
+
+def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: str, base_weights: str,
+                  max_loss_drift: float, shard_bytes: int) -> dict:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from shared.datasets.tokenization import ChatTokenizer
+    from worker.training.manifest import library_versions
+    from worker.training.model import compute_dtype, load_adapter_weights
+    from worker.training.recipe import job_examples, lora_model, seed_everything
+
+    started = time.monotonic()
+    seed_everything(config.seed)
+    folder = out / "model"
+    four_bit = config.quantization in ("nf4", "fp4")
+    if base_weights == "nf4" and not four_bit:
+        base_weights = "original"  # the job trained on a base that was not 4-bit: its own weights are those
+    quantisation = Quantisation(quant_type=config.quantization if four_bit else "nf4", input_dtype=compute_dtype())
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            log(f"merging: {done}/{total} tensors")
+
+    merged_info = merge(Path(config.base_model_path), adapter_dir, folder, dtype, base_weights, quantisation,
+                        shard_bytes, progress)  # fmt: skip
+    log("measuring fidelity against the quantised base with the adapter")
+    tokenizer = ChatTokenizer(config.base_model_path)
+    train_set, valid_set = job_examples(config, tokenizer)
+    examples = (valid_set or train_set)[:FIDELITY_EXAMPLES]
+    reference = lora_model(config)
+    load_adapter_weights(reference, adapter_dir)
+    reference.eval()
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+    collate = chat_data.Collator.for_tokenizer(tokenizer, False, reference.device)
+    figures = fidelity(reference, merged, examples, collate, config.batch_size)
+    kind, records = comparison.validation_records(config.train_file, config.validation_file, config.seed)
+    prompts = comparison.sample_prompts(
+        tokenizer, kind, records, config.evaluation_prompts, config.max_seq_length
+    ) or comparison.sample_prompts(tokenizer, *chat_data.read_records(config.train_file), 3, config.max_seq_length)
+    ids = [prompt.ids for prompt in prompts]
+    answers_trained = comparison.greedy_answers(reference, tokenizer, ids, config.evaluation_max_new_tokens) if ids else []
+    answers_merged = comparison.greedy_answers(merged, tokenizer, ids, config.evaluation_max_new_tokens) if ids else []
+    samples = [
+        {"prompt": p.text, "trained": a, "merged": b, "match": a == b}
+        for p, a, b in zip(prompts, answers_trained, answers_merged, strict=True)
+    ]
+    passed = figures["loss_drift"] <= max_loss_drift
+    manifest = {
+        "format": FORMAT,
+        "job_id": config.job_id,
+        "base_model": config.base_model_id,
+        "export": {"format": "merged", **merged_info},
+        "fidelity": {
+            **figures,
+            "examples": len(examples),
+            "examples_from": "validation" if valid_set else "training",
+            "greedy_matches": sum(s["match"] for s in samples),
+            "samples": samples,
+            "reference": f"the {config.quantization} base with the adapter, computing in "
+            f"{str(compute_dtype()).removeprefix('torch.')}; the merged model computing in float32",
+            "bounds": {"max_loss_drift": max_loss_drift},
+            "passed": passed,
+        },
+        "libraries": library_versions(),
+        "seconds": round(time.monotonic() - started, 2),
+        "created_at": int(time.time()),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    figures, export = manifest["fidelity"], manifest["export"]
+    verdict = "within" if figures["passed"] else "OUTSIDE"
+    return (
+        f"Merged {export['merged_weights']} LoRA weights into the {export['base_weights']} base, {export['dtype']}: "
+        f"loss {figures['loss_merged']:.4f} against {figures['loss_trained']:.4f} as trained "
+        f"(drift {figures['loss_drift']:.2%}, {verdict} the bound of {figures['bounds']['max_loss_drift']:.0%}), "
+        f"max |Δlogit| {figures['max_abs_logit_delta']:.4f}, mean KL {figures['mean_kl']:.2e}, greedy answers "
+        f"matching {figures['greedy_matches']}/{len(figures['samples'])}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.training.export", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="the job's TrainingConfig as JSON")
+    parser.add_argument("--adapter", type=Path, required=True, help="the delivered adapter's folder")
+    parser.add_argument("--out", type=Path, required=True, help="where model/ is written")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--base-weights", default="nf4", choices=("nf4", "original"))
+    parser.add_argument("--max-loss-drift", type=float, default=MAX_LOSS_DRIFT)
+    parser.add_argument("--shard-mb", type=int, default=2048, help="the largest weight shard, in MiB")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    config = TrainingConfig.model_validate_json(args.config.read_text())
+    manifest = export_merged(
+        config, args.adapter, args.out, args.dtype, args.base_weights, args.max_loss_drift, args.shard_mb * 2**20
+    )
+    print(json.dumps({"manifest": str(args.out / "model" / MANIFEST), "passed": manifest["fidelity"]["passed"],
+                      "summary": summary(manifest)}), flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
