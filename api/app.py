@@ -6,7 +6,7 @@ from api import docs, errors, ui
 from api.deps import principal, require_admin
 from api.limits import BodyLimit
 from api.metrics import RequestMetrics
-from api.routers import admin, files, health, inference, jobs, metrics, models, webhooks
+from api.routers import admin, exports, files, health, inference, jobs, metrics, models, webhooks
 from shared.jobs import state
 from shared.webhooks.service import record_job_transition
 
@@ -28,7 +28,7 @@ def create_app() -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)  # counts BodyLimit's refusals, and the 500s RequestIds renders
     app.add_middleware(errors.RequestIds)  # added last: the outermost, so every response carries its id
-    for router in (files.router, jobs.router, models.router, webhooks.router, inference.router):
+    for router in (files.router, jobs.router, exports.router, models.router, webhooks.router, inference.router):
         app.include_router(router, dependencies=[Depends(principal)])
     app.include_router(admin.router, dependencies=[Depends(require_admin)])
     app.include_router(metrics.router, dependencies=[Depends(require_admin)])

@@ -3,6 +3,7 @@
 from shared.auth.models import ApiKey, UiSession
 from shared.basemodels.models import BaseModelRecord
 from shared.db import Base
+from shared.exports.models import Export
 from shared.files.models import File
 from shared.idempotency.models import IdempotencyKey
 from shared.inference.models import InferenceRequest
@@ -16,6 +17,7 @@ __all__ = [
     "BaseModelRecord",
     "Checkpoint",
     "DeviceUsage",
+    "Export",
     "File",
     "IdempotencyKey",
     "InferenceRequest",

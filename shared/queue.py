@@ -12,6 +12,7 @@ from shared.settings import get_settings
 VALIDATE_TASK = "jobs.validate"
 TRAIN_TASK = "jobs.train"
 EVALUATE_TASK = "jobs.evaluate"  # an evaluation asked for on demand (`shared.jobs.evaluations`)
+EXPORT_TASK = "exports.make"  # a job's model exported (`shared.exports.service`)
 
 
 @lru_cache
@@ -81,6 +82,11 @@ def publish_training(job_id: str, devices: int, priority: int) -> None:
 def publish_evaluation(job_id: str, priority: int) -> None:
     """Where a one-device job of the same priority goes: it takes a slot as long as it runs."""
     get_celery().send_task(EVALUATE_TASK, args=[job_id], queue=train_queue(1), priority=9 - priority)
+
+
+def publish_export(export_id: str, priority: int) -> None:
+    """As an evaluation: one slot, at its job's priority."""
+    get_celery().send_task(EXPORT_TASK, args=[export_id], queue=train_queue(1), priority=9 - priority)
 
 
 def queue_depth() -> int | None:

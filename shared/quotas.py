@@ -3,8 +3,8 @@ adapters) and the number of its files, checked before anything new is stored.
 
 Each stored object counts once, by the size recorded when it was written: a live file's `bytes`, a checkpoint's
 `bytes` (resume states saved at a pause are checkpoints too), a delivered adapter's `adapter_bytes` while its
-model is not deleted. The delivered adapter also has a checkpoint row naming the same object; that row is not
-counted again. Attempt logs and completion markers are small and not counted."""
+model is not deleted, a made export's `bytes`. The delivered adapter also has a checkpoint row naming the same
+object; that row is not counted again. Attempt logs and completion markers are small and not counted."""
 
 from dataclasses import dataclass
 
@@ -12,6 +12,7 @@ from sqlalchemy import Select, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from shared.errors import RateLimited, TunequeueError
+from shared.exports.models import Export
 from shared.files.models import File
 from shared.jobs.models import Checkpoint, Job
 from shared.settings import get_settings
@@ -42,8 +43,11 @@ def usage_by_tenant(session: Session, tenant: str | None = None) -> dict[str, Us
         .where(or_(Job.adapter_key.is_(None), Checkpoint.storage_key != Job.adapter_key))
     )
     adapters = select(Job.tenant, func.sum(Job.adapter_bytes), literal(0)).where(Job.model_deleted_at.is_(None))
+    # An `adapter` export names the adapter's own object: counted above.
+    exports = select(Export.tenant, func.sum(Export.bytes), literal(0)).where(Export.format != "adapter")
     held: dict[str, Usage] = {}
-    for query, owner in ((files, File.tenant), (checkpoints, Job.tenant), (adapters, Job.tenant)):
+    sources = ((files, File.tenant), (checkpoints, Job.tenant), (adapters, Job.tenant), (exports, Export.tenant))
+    for query, owner in sources:
         for name, size, count in session.execute(_of_tenant(query, owner, tenant).group_by(owner)):
             before = held.get(name, Usage())
             held[name] = Usage(before.bytes + int(size or 0), before.files + int(count or 0))

@@ -178,6 +178,13 @@ class WorkerSettings(_Area):
     evaluation_max_new_tokens: int = Field(
         default=64, ge=1, le=4096, description="Most tokens of each of those answers"
     )
+    export_max_loss_drift: float = Field(
+        default=0.01,
+        ge=0,
+        description="Largest relative difference between a merged export's held-out loss and the model's as "
+        "trained; an export past it fails with its figures",
+    )
+    export_shard_mb: int = Field(default=2048, ge=1, description="Largest weight shard of a merged export, in MiB")
     slot_wait_seconds: float = Field(default=2.0, ge=0, description="How long a job waits for a worker's free slot")
     training_python: str | None = Field(default=None, description="Python that runs the recipe")
     warm_runtimes: int | None = Field(

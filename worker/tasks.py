@@ -4,6 +4,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 
 from sqlalchemy import or_, update
@@ -11,18 +12,28 @@ from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
 from shared.db import after_commit, retrying, session_scope
+from shared.exports import service as exports
 from shared.files.models import File
 from shared.ids import now
 from shared.jobs import evaluations, execution, state
 from shared.jobs.datacheck import check_job_data
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job
-from shared.queue import EVALUATE_TASK, TRAIN_TASK, VALIDATE_TASK, get_celery, publish_evaluation
+from shared.queue import (
+    EVALUATE_TASK,
+    EXPORT_TASK,
+    TRAIN_TASK,
+    VALIDATE_TASK,
+    get_celery,
+    publish_evaluation,
+    publish_export,
+)
 from shared.settings import get_settings
 from shared.storage import StorageError, get_storage
 from shared.workers import service as workers
 from worker.runner import JobRunner, RecipeFailed, RetryAttempt
 from worker.runner.evaluation import run_evaluation
+from worker.runner.export import run_export
 from worker.runner.lease import ClaimRenewal
 from worker.slots import Lease, Slots
 
@@ -168,25 +179,61 @@ def train(job_id: str) -> None:
 
 @app.task(name=EVALUATE_TASK)
 def evaluate(job_id: str) -> None:
-    """An evaluation asked for on demand (`shared.jobs.evaluations`), on one slot like a one-device job of the
-    same priority. A message for an evaluation that is made or being made is acked without taking a slot."""
-    settings = get_settings()
+    """An evaluation asked for on demand (`shared.jobs.evaluations`)."""
     with session_scope() as session:
-        if not evaluations.evaluation_wanted(session, job_id):
-            log.info("evaluation of %s is not queued (done, or another worker holds it); acking", job_id)
-            return
-        job = session.get(Job, job_id)
-        priority = job.priority if job is not None else 0
+        job = session.get(Job, job_id) if evaluations.evaluation_wanted(session, job_id) else None
+        priority = job.priority if job is not None else None
+    on_one_slot(
+        f"evaluation of {job_id}",
+        priority,
+        lambda: publish_evaluation(job_id, priority or 0),
+        lambda session, seconds: evaluations.claim_evaluation(session, job_id, seconds) is not None,
+        lambda lease: run_evaluation(job_id, lease),
+    )
+
+
+@app.task(name=EXPORT_TASK)
+def export(export_id: str) -> None:
+    """An export of a job's model (`shared.exports.service`)."""
+    priority = None
+    with session_scope() as session:
+        wanted = exports.export_wanted(session, export_id)
+        if wanted is not None:
+            job = session.get(Job, wanted.job_id)
+            priority = job.priority if job is not None else 0
+    on_one_slot(
+        f"export {export_id}",
+        priority,
+        lambda: publish_export(export_id, priority or 0),
+        lambda session, seconds: exports.claim_export(session, export_id, seconds),
+        lambda lease: run_export(export_id, lease),
+    )
+
+
+def on_one_slot(
+    what: str,
+    priority: int | None,
+    republish: Callable[[], None],
+    claim: Callable[[Session, float], bool],
+    run: Callable[[Lease], None],
+) -> None:
+    """Work beside the jobs (an evaluation, an export) on one slot, like a one-device job of its priority (None:
+    the work is made or being made, and its message is acked without taking a slot). No slot soon enough: back
+    to the broker. Claimed (a conditional UPDATE, so a duplicate message does nothing) once the slot is held."""
+    if priority is None:
+        log.info("%s is not queued (made, failed, or another worker holds it); acking", what)
+        return
+    settings = get_settings()
     slots = get_slots()
     lease = slots.acquire(1, priority, timeout=settings.slot_wait_seconds)
-    if lease is None:  # no slot here soon enough: back to the broker, as a training job
-        publish_evaluation(job_id, priority)
+    if lease is None:
+        republish()
         return
     try:
         with session_scope() as session:
-            claimed = evaluations.claim_evaluation(session, job_id, settings.lease_seconds) is not None
+            claimed = claim(session, settings.lease_seconds)
         if claimed:
-            run_evaluation(job_id, lease)
+            run(lease)
     finally:
         slots.release(lease)
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from shared.basemodels.models import BaseModelRecord
 from shared.basemodels.service import list_base_models
 from shared.errors import InvalidRequest, NotFound
+from shared.exports.models import Export
 from shared.ids import now
 from shared.jobs import state
 from shared.jobs.models import Checkpoint, Job
@@ -72,6 +73,7 @@ def delete_model(session: Session, storage: Storage, tenant: str, model_id: str)
     job.model_deleted_at = now()
     job.resume_key = job.resume_sha256 = None
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id).execution_options(synchronize_session=False))
+    session.execute(delete(Export).where(Export.job_id == job.id).execution_options(synchronize_session=False))
     session.flush()
     # Before the commit: if storage fails, the deletion rolls back and can be asked again; the other way round,
     # a crash between commit and deletion would leave objects that nothing lists.

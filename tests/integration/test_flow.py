@@ -152,11 +152,71 @@ def check_evaluation_on_demand(stack, job):
     assert messages[1:3] == ["Evaluation against the base model started", "Evaluation against the base model requested"]
 
 
+def check_exports(stack, job, tmp_path):
+    """A merged export made by the worker loads with plain transformers and answers as its manifest says the model
+    as trained does; the adapter export is the adapter; the same export asked for again is the same one;
+    another tenant sees none of them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exports = f"/v1/fine_tuning/jobs/{job['id']}/exports"
+    job = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    made = stack.client.post(exports, json={"format": "merged", "dtype": "bfloat16"})
+    assert made.status_code == 200 and made.json()["status"] in ("queued", "running"), made.text
+    export_id = made.json()["id"]
+    assert stack.client.post(exports, json={"format": "merged"}).json()["id"] == export_id  # the same options
+    bad = stack.client.post(exports, json={"format": "merged", "dtype": "int3"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "dtype", bad.text
+
+    def finished():
+        shown = stack.client.get(f"{exports}/{export_id}").json()
+        return shown if shown["status"] not in ("queued", "running") else None
+
+    export = wait_for(finished, 180, "the export")
+    assert export["status"] == "succeeded", (export, stack.logs())
+    assert export["dtype"] == "bfloat16" and export["base_weights"] == "nf4" and export["bytes"] > 0
+    fidelity = export["fidelity"]
+    assert fidelity["passed"] is True and fidelity["loss_drift"] <= 0.01 and fidelity["examples_from"] == "validation"
+    content = stack.client.get(f"{exports}/{export_id}/content")
+    assert content.status_code == 200 and hashlib.sha256(content.content).hexdigest() == export["sha256"]
+    folder = extract_zip(content.content, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert merged.dtype == torch.bfloat16 and tokenizer.chat_template
+    sample = fidelity["samples"][0]
+    ids = tokenizer(sample["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    answer = merged.float().generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(answer[0, ids.shape[1] :], skip_special_tokens=True).strip() == sample["merged"]
+
+    adapter = stack.client.post(exports, json={"format": "adapter"}).json()
+    assert (
+        adapter["status"] == "succeeded"
+        and adapter["sha256"]
+        == stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").headers["x-adapter-sha256"]
+    )
+    listed = stack.client.get(exports).json()
+    assert [e["id"] for e in listed["data"]] == [adapter["id"], export_id] and listed["has_more"] is False
+    other = {"Authorization": f"Bearer {stack.create_key('someone-else')}"}
+    for path in (exports, f"{exports}/{export_id}", f"{exports}/{export_id}/content"):
+        assert stack.client.get(path, headers=other).status_code == 404
+    assert stack.client.post(exports, json={"format": "merged"}, headers=other).status_code == 404
+    tenants = {t["tenant"]: t for t in stack.client.get("/admin/overview").json()["storage"]["tenants"]}
+    held = tenants["default"]["bytes"]
+    assert held >= export["bytes"] + stack.client.get(f"/v1/files/{job['training_file']}").json()["bytes"]
+    # Deleted with the model: the rows, and the objects under the job's prefix.
+    assert stack.client.delete(f"/v1/models/{job['fine_tuned_model']}").status_code == 200
+    assert stack.client.get(exports).json()["data"] == []
+    assert stack.client.get(f"{exports}/{export_id}/content").status_code == 404
+    tenants = {t["tenant"]: t for t in stack.client.get("/admin/overview").json()["storage"]["tenants"]}
+    assert tenants["default"]["bytes"] <= held - export["bytes"]
+
+
 def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp_path):
     stack = make_stack({**production_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10"}, tiny_model)
     file, job = run_job(stack, tmp_path)
     check_succeeded_job(stack, tiny_model, tmp_path, file, job)
     check_evaluation_on_demand(stack, job)
+    check_exports(stack, job, tmp_path)
     ready = stack.client.get("/readyz").json()
     assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
     overview = stack.client.get("/admin/overview").json()
@@ -165,12 +225,28 @@ def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp
 
 
 def test_embedded_defaults_end_to_end(embedded_env, make_stack, tiny_model, tmp_path):
-    stack = make_stack({**embedded_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10"}, tiny_model)
+    stack = make_stack(
+        {**embedded_env, "TUNEQUEUE_CHECKPOINT_EVERY_STEPS": "10", "TUNEQUEUE_EXPORT_MAX_LOSS_DRIFT": "0"}, tiny_model
+    )
     file, job = run_job(stack, tmp_path)
     check_succeeded_job(stack, tiny_model, tmp_path, file, job)
     data_dir = tmp_path / "embedded"
     assert (data_dir / "tunequeue.db").is_file() and (data_dir / "broker.db").is_file()
     assert list((data_dir / "storage" / "tenants").rglob("adapter.zip"))
+    # An export whose fidelity is outside its bound (set to 0 for this stack) fails with its figures and leaves
+    # no object behind.
+    exports = f"/v1/fine_tuning/jobs/{job['id']}/exports"
+    export = stack.client.post(exports, json={"format": "merged", "base_weights": "original"}).json()
+
+    def finished():
+        shown = stack.client.get(f"{exports}/{export['id']}").json()
+        return shown if shown["status"] not in ("queued", "running") else None
+
+    failed = wait_for(finished, 180, "the export")
+    assert failed["status"] == "failed" and "outside the bounds" in failed["error"], failed
+    assert failed["fidelity"]["passed"] is False and failed["fidelity"]["loss_drift"] > 0
+    assert not list((data_dir / "storage").rglob("*ftexport*")) and not list((data_dir / "storage").rglob("exports"))
+    assert stack.client.get(f"{exports}/{export['id']}/content").status_code == 409
 
 
 def test_data_problems_fail_the_job_in_validation(embedded_env, make_stack, tiny_model, tmp_path):
@@ -216,3 +292,5 @@ def test_cancel_running_job(production_env, make_stack, tiny_model, tmp_path):
     time.sleep(0.5)
     assert training_processes(job["id"]) == []
     assert stack.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 409
+    refused = stack.client.post(f"/v1/fine_tuning/jobs/{job['id']}/exports", json={"format": "merged"})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "export_not_ready", refused.text

@@ -23,6 +23,7 @@ TABLES = {
     "webhook_deliveries",
     "ui_sessions",
     "inference_requests",
+    "exports",
     "alembic_version",
 }
 

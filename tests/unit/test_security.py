@@ -61,6 +61,7 @@ def world(tmp_path, monkeypatch, tiny_model):
             )
         )  # fmt: skip
     endpoint_id = a.post("/v1/webhooks", json={"url": f"{HOOKS}/a"}).json()["id"]
+    export_id = a.post(f"/v1/fine_tuning/jobs/{done_id}/exports", json={"format": "adapter"}).json()["id"]
     ids = {
         "file_id": file_id,
         "job_id": done_id,
@@ -69,6 +70,7 @@ def world(tmp_path, monkeypatch, tiny_model):
         "key_id": key_a.id,
         "checkpoint_id": checkpoint_id,
         "attempt": "1",
+        "export_id": export_id,
     }
     yield clients, ids, job_id, app
     for client in clients.values():
@@ -96,6 +98,10 @@ CREATE_AS_B = {
     ),
     ("POST", "/v1/completions"): (lambda ids: {"json": {"model": ids["model_id"], "prompt": "hi"}}, 404),
 }
+
+
+# A valid body for the routes on A's objects that need one: B's request must fail on the object, not the body.
+BODIES = {("POST", "/v1/fine_tuning/jobs/{job_id}/exports"): {"format": "merged"}}
 
 
 def walk(routes):
@@ -140,7 +146,7 @@ def test_every_route_hides_tenant_a_from_tenant_b(world):
                 assert response.status_code == 403, (method, template, response.text)
                 assert response.json()["error"]["code"] == "permission_denied"
         elif convertors:
-            response = b.request(method, path)
+            response = b.request(method, path, json=BODIES.get((method, template)))
             assert response.status_code == 404, (method, template, response.status_code, response.text)
             assert not secrets & set(response.text.split('"')) - {path.rsplit("/", 1)[-1], ids["model_id"]}
             if method == "GET":  # the control: the same request works for the owner

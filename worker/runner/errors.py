@@ -24,3 +24,24 @@ class RecipeFailed(Exception):
             message = f"{message} (rank {error['rank']})"  # type: ignore[index]
         self.param = (error or {}).get("param")
         super().__init__(message)
+
+
+class TaskFailed(Exception):
+    """Why an evaluation or an export could not be made, in words for the job's owner; `manifest` when its figures
+    exist (an export outside its fidelity bounds)."""
+
+    def __init__(self, reason: str, manifest: dict | None = None):
+        super().__init__(reason)
+        self.manifest = manifest
+
+
+def failure_reason(exc: Exception) -> str:
+    """What the owner reads when an evaluation or an export fails: its own reason, or the kind of trouble (a
+    storage error's details, endpoint and bucket, are the admins', in the log)."""
+    from shared.storage import StorageError
+
+    if isinstance(exc, TaskFailed | RecipeFailed):
+        return str(exc)
+    if isinstance(exc, StorageError):
+        return f"storage unavailable ({exc.public}); ask for it again later"
+    return f"internal error on its worker ({type(exc).__name__}); ask for it again later"

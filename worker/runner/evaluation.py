@@ -19,10 +19,10 @@ from shared.jobs import evaluations
 from shared.jobs.models import Job
 from shared.jobs.schemas import JobEvaluation
 from shared.settings import get_settings
-from shared.storage import StorageError, download_verified, get_storage
+from shared.storage import download_verified, get_storage
 from worker.runner.child import recipe_environment, start_recipe_process
 from worker.runner.config import training_config, write_training_config
-from worker.runner.errors import RecipeFailed
+from worker.runner.errors import TaskFailed, failure_reason
 from worker.runner.inputs import fetch_base_model, fetch_data, read_job_inputs
 from worker.runner.lease import ClaimRenewal
 from worker.slots import Lease
@@ -30,10 +30,6 @@ from worker.slots import Lease
 log = logging.getLogger("tunequeue.worker")
 TIMEOUT_SECONDS = 3600  # at most 200 validation examples twice, and a few short answers: well within this
 STDERR_TAIL_LINES = 20
-
-
-class EvaluationFailed(Exception):
-    """Why the evaluation could not be made, in words for the job's owner."""
 
 
 def run_evaluation(job_id: str, lease: Lease) -> None:
@@ -46,12 +42,7 @@ def run_evaluation(job_id: str, lease: Lease) -> None:
         store(job_id, evaluation, summary)
     except Exception as exc:
         log.exception("evaluation of %s failed", job_id)
-        if isinstance(exc, EvaluationFailed | RecipeFailed):
-            reason = str(exc)
-        elif isinstance(exc, StorageError):
-            reason = f"storage unavailable ({exc.public}); ask again later"
-        else:
-            reason = f"internal error on its worker ({type(exc).__name__}); ask again later"
+        reason = failure_reason(exc)
         retrying(lambda session: evaluations.fail_evaluation(session, job_id, reason), f"failing evaluation {job_id}")
 
 
@@ -82,7 +73,7 @@ class EvaluationRun:
             assert job is not None
             key, sha256 = job.adapter_key, job.adapter_sha256
         if not key or not sha256:
-            raise EvaluationFailed("the job has no adapter to evaluate")
+            raise TaskFailed("the job has no adapter to evaluate")
         archive, folder = workdir / "adapter.zip", workdir / "adapter"
         download_verified(self.storage, key, archive, sha256, self.settings.storage_retries)
         with zipfile.ZipFile(archive) as zipped:
@@ -101,12 +92,12 @@ class EvaluationRun:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise EvaluationFailed(f"it ran past {TIMEOUT_SECONDS} s") from None
+            raise TaskFailed(f"it ran past {TIMEOUT_SECONDS} s") from None
         if process.returncode != 0:
             tail = [line for line in stderr.splitlines() if line.strip()][-STDERR_TAIL_LINES:]
             log.error("evaluation of %s: its process failed:\n%s", self.job_id, "\n".join(tail))
             last = tail[-1].strip() if tail else f"exit code {process.returncode}"
-            raise EvaluationFailed(f"its process failed: {last[:500]}")
+            raise TaskFailed(f"its process failed: {last[:500]}")
         return json.loads(stdout.strip().splitlines()[-1])["summary"]
 
 

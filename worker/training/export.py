@@ -104,13 +104,7 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
     prompts = comparison.sample_prompts(
         tokenizer, kind, records, config.evaluation_prompts, config.max_seq_length
     ) or comparison.sample_prompts(tokenizer, *chat_data.read_records(config.train_file), 3, config.max_seq_length)
-    ids = [prompt.ids for prompt in prompts]
-    answers_trained = comparison.greedy_answers(reference, tokenizer, ids, config.evaluation_max_new_tokens) if ids else []
-    answers_merged = comparison.greedy_answers(merged, tokenizer, ids, config.evaluation_max_new_tokens) if ids else []
-    samples = [
-        {"prompt": p.text, "trained": a, "merged": b, "match": a == b}
-        for p, a, b in zip(prompts, answers_trained, answers_merged, strict=True)
-    ]
+    samples = answers_side_by_side(reference, merged, tokenizer, prompts, config.evaluation_max_new_tokens)
     passed = figures["loss_drift"] <= max_loss_drift
     manifest = {
         "format": FORMAT,
@@ -121,7 +115,7 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
             **figures,
             "examples": len(examples),
             "examples_from": "validation" if valid_set else "training",
-            "greedy_matches": sum(s["match"] for s in samples),
+            "greedy_matches": sum(1 for s in samples if s["match"]),
             "samples": samples,
             "reference": f"the {config.quantization} base with the adapter, computing in "
             f"{str(compute_dtype()).removeprefix('torch.')}; the merged model computing in float32",
@@ -134,6 +128,19 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def answers_side_by_side(reference, merged, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
+    """Both models' greedy answers to the same prompts, and whether they match."""
+    if not prompts:
+        return []
+    ids = [prompt.ids for prompt in prompts]
+    trained = comparison.greedy_answers(reference, tokenizer, ids, max_new_tokens)
+    exported = comparison.greedy_answers(merged, tokenizer, ids, max_new_tokens)
+    return [
+        {"prompt": p.text, "trained": a, "merged": b, "match": a == b}
+        for p, a, b in zip(prompts, trained, exported, strict=True)
+    ]
 
 
 def summary(manifest: dict) -> str:

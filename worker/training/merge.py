@@ -167,7 +167,9 @@ def merge(
     quantisation = quantisation or Quantisation()
     out.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
-    shard_size, shards, weight_map, merged, total_bytes = 0, [], {}, 0, 0
+    shards: list[str] = []
+    weight_map: dict[str, str] = {}
+    shard_size, merged, total_bytes = 0, 0, 0
 
     def flush() -> None:
         nonlocal shard, shard_size

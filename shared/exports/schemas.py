@@ -1,0 +1,70 @@
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.exports.models import Export
+
+Status = Literal["queued", "running", "succeeded", "failed"]
+
+
+class ExportCreate(BaseModel):
+    """`{"format": "merged", "dtype": "bfloat16"}` or `{"format": "adapter"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["merged", "adapter"] = Field(
+        description="`merged`: the LoRA update merged into the base, as safetensors shards with the tokenizer and "
+        "chat template, loadable by AutoModelForCausalLM.from_pretrained; `adapter`: the adapter's zip"
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="the merged weights' dtype (the merge itself is computed in float32)"
+    )
+    base_weights: Literal["nf4", "original"] = Field(
+        "nf4",
+        description="the base weights the update is merged into: `nf4`, the 4-bit weights the adapter was trained "
+        "against, dequantised; `original`, the base's own 16-bit weights (docs/export.md compares them)",
+    )
+
+    def options(self) -> dict:
+        return {"dtype": self.dtype, "base_weights": self.base_weights} if self.format == "merged" else {}
+
+
+class ExportObject(BaseModel):
+    """tunequeue's own: a job's model exported (`POST /v1/fine_tuning/jobs/{id}/exports`)."""
+
+    object: Literal["fine_tuning.job.export"] = "fine_tuning.job.export"
+    id: str
+    fine_tuning_job_id: str
+    format: str
+    dtype: str | None = None
+    base_weights: str | None = None
+    status: Status
+    error: str | None = Field(None, description="why it failed, with the figures when its fidelity was out of bounds")
+    progress: str | None = Field(None, description="the step a running export is at")
+    bytes: int | None = None
+    sha256: str | None = Field(None, description="of the zip `GET …/content` returns")
+    fidelity: dict | None = Field(None, description="the merged model against the model as trained (docs/export.md)")
+    manifest: dict | None = Field(None, description="what was made, from what, with which libraries")
+    created_at: int
+    finished_at: int | None = None
+
+    @classmethod
+    def of(cls, export: Export, status: str, error: str | None) -> "ExportObject":
+        manifest = export.manifest or None
+        return cls.model_validate(
+            {
+                "id": export.id,
+                "fine_tuning_job_id": export.job_id,
+                "format": export.format,
+                **export.options,
+                "status": status,
+                "error": error,
+                "progress": export.progress if status == "running" else None,
+                "bytes": export.bytes,
+                "sha256": export.sha256,
+                "fidelity": manifest.get("fidelity") if manifest else None,
+                "manifest": {k: v for k, v in manifest.items() if k != "fidelity"} if manifest else None,
+                "created_at": export.created_at,
+                "finished_at": export.finished_at,
+            }
+        )
