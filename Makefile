@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference bench-export gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -59,6 +59,11 @@ bench-ui: $(STAMP)
 # adapters, one at a time and batched, with time to first token and the memory of one base with 1-3 adapters.
 bench-inference: $(STAMP)
 	$(PY) -m benchmarks.inference
+
+# Exports: the merge into the NF4 or the original weights in each dtype, GGUF f16 and q8_0, and PEFT's naive
+# merge into the 4-bit model, each against the model as trained on held-out chats (docs/export.md).
+bench-export: $(STAMP)
+	$(PY) -m benchmarks.export
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the

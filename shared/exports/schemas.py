@@ -8,17 +8,20 @@ Status = Literal["queued", "running", "succeeded", "failed"]
 
 
 class ExportCreate(BaseModel):
-    """`{"format": "merged", "dtype": "bfloat16"}` or `{"format": "adapter"}`."""
+    """`{"format": "merged", "dtype": "bfloat16"}`, `{"format": "gguf", "quantization": "q8_0"}` or
+    `{"format": "adapter"}`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["merged", "adapter"] = Field(
+    format: Literal["merged", "gguf", "adapter"] = Field(
         description="`merged`: the LoRA update merged into the base, as safetensors shards with the tokenizer and "
-        "chat template, loadable by AutoModelForCausalLM.from_pretrained; `adapter`: the adapter's zip"
+        "chat template, loadable by AutoModelForCausalLM.from_pretrained; `gguf`: the merged model as one GGUF file "
+        "for llama.cpp and Ollama, with a Modelfile; `adapter`: the adapter's zip"
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="the merged weights' dtype (the merge itself is computed in float32)"
     )
+    quantization: Literal["f16", "q8_0"] = Field("q8_0", description="a GGUF's tensor type (norms stay float32)")
     base_weights: Literal["nf4", "original"] = Field(
         "nf4",
         description="the base weights the update is merged into: `nf4`, the 4-bit weights the adapter was trained "
@@ -26,7 +29,11 @@ class ExportCreate(BaseModel):
     )
 
     def options(self) -> dict:
-        return {"dtype": self.dtype, "base_weights": self.base_weights} if self.format == "merged" else {}
+        if self.format == "merged":
+            return {"dtype": self.dtype, "base_weights": self.base_weights}
+        if self.format == "gguf":
+            return {"quantization": self.quantization, "base_weights": self.base_weights}
+        return {}
 
 
 class ExportObject(BaseModel):
@@ -37,6 +44,7 @@ class ExportObject(BaseModel):
     fine_tuning_job_id: str
     format: str
     dtype: str | None = None
+    quantization: str | None = None
     base_weights: str | None = None
     status: Status
     error: str | None = Field(None, description="why it failed, with the figures when its fidelity was out of bounds")

@@ -13,8 +13,9 @@ from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared import quotas
+from shared.basemodels.models import BaseModelRecord
 from shared.db import after_commit
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, Unprocessable
 from shared.exports.models import Export
 from shared.exports.schemas import ExportCreate
 from shared.ids import new_id, now
@@ -52,6 +53,8 @@ def create_export(session: Session, tenant: str, job_id: str, request: ExportCre
             param="job_id",
             code="model_deleted",
         )
+    if request.format == "gguf":
+        refuse_gguf_of(session.get(BaseModelRecord, job.model), job.model)
     options = request.options()
     for export in session.scalars(select(Export).where(Export.job_id == job.id, Export.format == request.format)):
         if export.options == options and shown(export)[0] != FAILED:
@@ -73,6 +76,20 @@ def create_export(session: Session, tenant: str, job_id: str, request: ExportCre
     record(session, job, f"Export {export.id} requested: {describe(export)}")
     session.flush()
     return export
+
+
+GGUF_ARCHITECTURES = ("LlamaForCausalLM",)  # what `worker.training.gguf_export` writes
+
+
+def refuse_gguf_of(base: BaseModelRecord | None, model_id: str) -> None:
+    """A GGUF export of a base the converter does not write is refused when it is asked for (422)."""
+    architecture = base.architecture if base is not None else "unknown"
+    if architecture.split(":")[0] not in GGUF_ARCHITECTURES:
+        raise Unprocessable(
+            f"GGUF export writes {', '.join(GGUF_ARCHITECTURES)} models; {model_id} is {architecture}: export it as "
+            "merged and convert that with llama.cpp's convert_hf_to_gguf.py",
+            param="format",
+        )
 
 
 def describe(export: Export) -> str:

@@ -168,11 +168,13 @@ def check_exports(stack, job, tmp_path):
     bad = stack.client.post(exports, json={"format": "merged", "dtype": "int3"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "dtype", bad.text
 
-    def finished():
-        shown = stack.client.get(f"{exports}/{export_id}").json()
+    gguf_id = stack.client.post(exports, json={"format": "gguf", "quantization": "q8_0"}).json()["id"]
+
+    def finished(made_id: str):
+        shown = stack.client.get(f"{exports}/{made_id}").json()
         return shown if shown["status"] not in ("queued", "running") else None
 
-    export = wait_for(finished, 180, "the export")
+    export = wait_for(lambda: finished(export_id), 180, "the merged export")
     assert export["status"] == "succeeded", (export, stack.logs())
     assert export["dtype"] == "bfloat16" and export["base_weights"] == "nf4" and export["bytes"] > 0
     fidelity = export["fidelity"]
@@ -188,6 +190,15 @@ def check_exports(stack, job, tmp_path):
     answer = merged.float().generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     assert tokenizer.decode(answer[0, ids.shape[1] :], skip_special_tokens=True).strip() == sample["merged"]
 
+    gguf = wait_for(lambda: finished(gguf_id), 180, "the GGUF export")
+    assert gguf["status"] == "succeeded" and gguf["quantization"] == "q8_0" and gguf["fidelity"]["passed"], gguf
+    folder = extract_zip(stack.client.get(f"{exports}/{gguf_id}/content").content, tmp_path / "gguf")
+    name = f"{job['id']}-q8_0.gguf"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, "Modelfile", "tunequeue_export.json"])
+    from_gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    assert from_gguf.config.num_hidden_layers == merged.config.num_hidden_layers
+    assert AutoTokenizer.from_pretrained(folder, gguf_file=name).chat_template == tokenizer.chat_template
+
     adapter = stack.client.post(exports, json={"format": "adapter"}).json()
     assert (
         adapter["status"] == "succeeded"
@@ -195,20 +206,22 @@ def check_exports(stack, job, tmp_path):
         == stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter").headers["x-adapter-sha256"]
     )
     listed = stack.client.get(exports).json()
-    assert [e["id"] for e in listed["data"]] == [adapter["id"], export_id] and listed["has_more"] is False
+    assert [e["id"] for e in listed["data"]] == [adapter["id"], gguf_id, export_id] and listed["has_more"] is False
     other = {"Authorization": f"Bearer {stack.create_key('someone-else')}"}
     for path in (exports, f"{exports}/{export_id}", f"{exports}/{export_id}/content"):
         assert stack.client.get(path, headers=other).status_code == 404
     assert stack.client.post(exports, json={"format": "merged"}, headers=other).status_code == 404
     tenants = {t["tenant"]: t for t in stack.client.get("/admin/overview").json()["storage"]["tenants"]}
     held = tenants["default"]["bytes"]
-    assert held >= export["bytes"] + stack.client.get(f"/v1/files/{job['training_file']}").json()["bytes"]
+    assert (
+        held >= export["bytes"] + gguf["bytes"] + stack.client.get(f"/v1/files/{job['training_file']}").json()["bytes"]
+    )
     # Deleted with the model: the rows, and the objects under the job's prefix.
     assert stack.client.delete(f"/v1/models/{job['fine_tuned_model']}").status_code == 200
     assert stack.client.get(exports).json()["data"] == []
     assert stack.client.get(f"{exports}/{export_id}/content").status_code == 404
     tenants = {t["tenant"]: t for t in stack.client.get("/admin/overview").json()["storage"]["tenants"]}
-    assert tenants["default"]["bytes"] <= held - export["bytes"]
+    assert tenants["default"]["bytes"] <= held - export["bytes"] - gguf["bytes"]
 
 
 def test_production_stack_end_to_end(production_env, make_stack, tiny_model, tmp_path):
@@ -242,7 +255,7 @@ def test_embedded_defaults_end_to_end(embedded_env, make_stack, tiny_model, tmp_
         shown = stack.client.get(f"{exports}/{export['id']}").json()
         return shown if shown["status"] not in ("queued", "running") else None
 
-    failed = wait_for(finished, 180, "the export")
+    failed = wait_for(finished, 180, "the failing export")
     assert failed["status"] == "failed" and "outside the bounds" in failed["error"], failed
     assert failed["fidelity"]["passed"] is False and failed["fidelity"]["loss_drift"] > 0
     assert not list((data_dir / "storage").rglob("*ftexport*")) and not list((data_dir / "storage").rglob("exports"))

@@ -151,6 +151,7 @@ def test_cancel_queued_then_cancel_again_is_409(client):
 
 
 def test_evaluation_or_why_there_is_none(client):
+    from shared.basemodels.models import BaseModelRecord
     from shared.db import session_scope
     from shared.jobs.models import Job
 
@@ -180,6 +181,18 @@ def test_evaluation_or_why_there_is_none(client):
             "improved": True, "samples": [sample], "max_new_tokens": 64, "seconds": 1.5,
         }
     )  # fmt: skip
+    exports = f"/v1/fine_tuning/jobs/{job_id}/exports"
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.adapter_key, job.adapter_sha256 = f"tenants/default/jobs/{job_id}/attempt-1/adapter.zip", "0" * 64
+        base = session.get(BaseModelRecord, "tiny-llama")
+        architecture, base.architecture = base.architecture, "Qwen2ForCausalLM"
+    assert_error(client.post(exports, json={"format": "gguf"}), 422, "Qwen2ForCausalLM", "merged", param="format")
+    assert_error(client.post(exports, json={"format": "gif"}), 400, param="format")
+    assert_error(client.post(exports, json={"format": "merged", "bits": 4}), 400, param="bits")
+    with session_scope() as session:
+        session.get(BaseModelRecord, "tiny-llama").architecture = architecture
+    assert client.post(exports, json={"format": "gguf"}).json()["status"] == "queued"
     assert client.get(path).json() == {
         "object": "fine_tuning.job.evaluation",
         "fine_tuning_job_id": job_id,

@@ -42,7 +42,6 @@ def as_trained(base: Path, adapter: Path):
 @torch.no_grad()
 def test_merge_into_the_nf4_weights_matches_the_model_as_trained(trained, tmp_path):
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +53,11 @@ def test_merge_into_the_nf4_weights_matches_the_model_as_trained(trained, tmp_pa
     assert len(layers) == 14  # 7 linear layers in each of 2 blocks: the output layer stays 16-bit
     for name, layer in layers:
         key = name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"
-        recipe = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        # The weights the layer multiplies by, in float32: what it makes of the identity. (bitsandbytes' own
+        # dequantize_4bit rounds them to the dtype they were quantised from: on a bf16 CPU, not these.)
+        compute, layer.compute_dtype = layer.compute_dtype, torch.float32
+        recipe = layer(torch.eye(layer.in_features)).t()
+        layer.compute_dtype = compute
         assert torch.equal(quantisation.round_trip(original[key]), recipe), key  # bit for bit
 
     ids = torch.randint(0, 2000, (2, 48))
@@ -183,3 +186,72 @@ def test_the_export_process_writes_a_loadable_folder_with_its_fidelity(trained, 
     # Out of its bounds: the figures are written, and the process says it did not pass.
     failed = export("--max-loss-drift", "0", "--base-weights", "original")
     assert failed.returncode == 0 and json.loads(failed.stdout.splitlines()[-1])["passed"] is False
+
+
+def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
+    """f16 and q8_0 GGUF files written by the export load with transformers (`gguf_file=`), within the fidelity
+    bound, with the chat template unchanged and an Ollama Modelfile beside them."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    base, adapter = trained
+    # RoPE's base away from its default: it must reach the GGUF (transformers 5 keeps it in `rope_parameters`).
+    base = shutil.copytree(base, tmp_path / "base", ignore=shutil.ignore_patterns(".quantised"))
+    model_config = json.loads((base / "config.json").read_text())
+    rope = model_config.get("rope_parameters") or {"rope_type": "default"}
+    (base / "config.json").write_text(json.dumps({**model_config, "rope_parameters": {**rope, "rope_theta": 50000.0}}))
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(f"Say {i}", f"Squawk! {i}. Squawk!") for i in range(24)])
+    config = {"base_model_path": str(base), "train_file": str(data), "lora_r": 8, "lora_alpha": 16, "seed": 3,
+              "dataset_sha256": "x", "job_id": "ftjob-test"}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    drift = {}
+    for quantization in ("f16", "q8_0"):
+        out = tmp_path / quantization
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.training.export", "--config", str(tmp_path / "cfg.json"), "--adapter",
+             str(adapter), "--out", str(out), "--format", "gguf", "--quantization", quantization],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.splitlines()[-1])["passed"] is True
+        folder = out / "model"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [f"ftjob-test-{quantization}.gguf", "Modelfile", "tunequeue_export.json"]
+        )
+        manifest = json.loads((folder / "tunequeue_export.json").read_text())
+        assert manifest["export"]["chat_template_round_trip"] is True and manifest["export"]["tokenizer_pre"] == "gpt2"
+        drift[quantization] = manifest["fidelity"]["max_abs_logit_delta"]
+        reader = GGUFReader(folder / f"ftjob-test-{quantization}.gguf")
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["blk.0.attn_q.weight"] == quantization.upper() and types["blk.0.attn_norm.weight"] == "F32"
+        assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == 2
+        assert reader.fields["llama.rope.freq_base"].contents() == 50000.0
+        modelfile = (folder / "Modelfile").read_text()
+        assert (
+            modelfile.startswith(f"FROM ./ftjob-test-{quantization}.gguf")
+            and 'PARAMETER stop "<|im_end|>"' in modelfile
+        )
+    assert drift["f16"] < drift["q8_0"] < 0.05, drift
+
+
+def test_only_bases_llama_cpp_reads_as_their_own_tokenizer_are_written_as_gguf(tiny_model, tmp_path):
+    import shutil
+
+    from worker.training.gguf_export import GgufUnsupported, check_supported, llama_cpp_pre_tokenizer
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert llama_cpp_pre_tokenizer(byte_level) == "gpt2"
+    assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    assert llama_cpp_pre_tokenizer({"type": "Metaspace"}) is None
+    assert check_supported(tiny_model) == "gpt2"
+    other = shutil.copytree(tiny_model, tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": {"type": "Metaspace"}}))
+    with pytest.raises(GgufUnsupported, match="llama.cpp would split text differently"):
+        check_supported(other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(GgufUnsupported, match="this base is Qwen2ForCausalLM"):
+        check_supported(other)

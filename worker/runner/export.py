@@ -62,7 +62,8 @@ class ExportRun:
         with session_scope() as session:
             export = session.get(Export, self.export_id)
             assert export is not None
-            job_id, options, tenant = export.job_id, dict(export.options), export.tenant
+            job_id, tenant = export.job_id, export.tenant
+            options = {"format": export.format, **export.options}
             job = session.get(Job, job_id)
             assert job is not None
             adapter_key, adapter_sha256 = job.adapter_key, job.adapter_sha256
@@ -93,7 +94,9 @@ class ExportRun:
     def run_child(self, config: Path, adapter: Path, out: Path, options: dict) -> dict:
         python = self.settings.training_python or sys.executable
         command = [python, "-m", "worker.training.export", "--config", str(config), "--adapter", str(adapter),
-                   "--out", str(out), "--dtype", options["dtype"], "--base-weights", options["base_weights"],
+                   "--out", str(out), "--format", options["format"], "--base-weights", options["base_weights"],
+                   *(("--dtype", options["dtype"]) if "dtype" in options else ()),
+                   *(("--quantization", options["quantization"]) if "quantization" in options else ()),
                    "--max-loss-drift", str(self.settings.export_max_loss_drift),
                    "--shard-mb", str(self.settings.export_shard_mb)]  # fmt: skip
         process = start_recipe_process(command, recipe_environment(self.lease.environment(), None))
@@ -102,7 +105,7 @@ class ExportRun:
         def follow() -> None:
             for line in process.stderr or ():
                 tail.append(line)
-                if line.startswith(("merging:", "measuring")):
+                if line.startswith(("merging:", "writing GGUF:", "measuring")):
                     self.progress = line.strip()
 
         reader = threading.Thread(target=follow, name=f"{self.export_id}-stderr", daemon=True)

@@ -1,11 +1,14 @@
-"""A job's model exported as merged safetensors, with its fidelity measured against the model as trained:
+"""A job's model exported as merged safetensors or as GGUF, with its fidelity measured against the model as trained:
 
-    python -m worker.training.export --config cfg.json --adapter DIR --out DIR [--dtype D] [--base-weights W]
+    python -m worker.training.export --config cfg.json --adapter DIR --out DIR [--format merged|gguf]
+        [--dtype D] [--quantization Q] [--base-weights W]
 
-`cfg.json` is the job's own TrainingConfig (`worker.runner.config`). Writes `DIR/model/`: the merged weights in
-shards (`merge`), the base's config, generation config, tokenizer and chat template, and `tunequeue_export.json`,
-the export's manifest. Then loads both models — the quantised base with the adapter, as the job trained and
-serves it, and the merged folder with plain `AutoModelForCausalLM.from_pretrained` — and compares them on the
+`cfg.json` is the job's own TrainingConfig (`worker.runner.config`). Writes `DIR/model/`: for `merged`, the
+merged weights in shards (`merge`) with the base's config, generation config, tokenizer and chat template; for
+`gguf`, one `.gguf` file (`gguf_export`, from a float32 merge) and an Ollama `Modelfile`; and
+`tunequeue_export.json`, the export's manifest. Then loads both models — the quantised base with the adapter, as
+the job trained and serves it, and the export with plain transformers (`from_pretrained`, with `gguf_file=` for a
+GGUF, whose chat template must come back unchanged) — and compares them on the
 job's validation examples (the first training examples when it has none): the largest difference of any logit at
 a trained position, the mean KL divergence of the merged model's next-token distribution from the trained one's,
 both models' loss, and both models' greedy answers to the first validation prompts. The export passes when the
@@ -15,6 +18,7 @@ Prints one JSON line, `{"manifest": path, "passed": bool, "summary": "…"}`; pr
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,11 +71,13 @@ def fidelity(reference, merged, examples, collate, batch_size: int) -> dict:
     }
 
 
-def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: str, base_weights: str,
-                  max_loss_drift: float, shard_bytes: int) -> dict:  # fmt: skip
-    from transformers import AutoModelForCausalLM
+def export_model(config: TrainingConfig, adapter_dir: Path, out: Path, options: dict, max_loss_drift: float,
+                 shard_bytes: int) -> dict:  # fmt: skip
+    """`options`: format (merged, gguf), dtype (merged), quantization (gguf), base_weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shared.datasets.tokenization import ChatTokenizer
+    from worker.training.gguf_export import modelfile, write_gguf
     from worker.training.manifest import library_versions
     from worker.training.model import compute_dtype, load_adapter_weights
     from worker.training.recipe import job_examples, lora_model, seed_everything
@@ -79,25 +85,49 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
     started = time.monotonic()
     seed_everything(config.seed)
     folder = out / "model"
+    gguf = options["format"] == "gguf"
+    base_weights = options.get("base_weights", "nf4")
     four_bit = config.quantization in ("nf4", "fp4")
     if base_weights == "nf4" and not four_bit:
         base_weights = "original"  # the job trained on a base that was not 4-bit: its own weights are those
     quantisation = Quantisation(quant_type=config.quantization if four_bit else "nf4", input_dtype=compute_dtype())
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
-            log(f"merging: {done}/{total} tensors")
+    def progress(what: str):
+        def report(done: int, total: int) -> None:
+            if done == total or done % 50 == 0:
+                log(f"{what}: {done}/{total} tensors")
 
-    merged_info = merge(Path(config.base_model_path), adapter_dir, folder, dtype, base_weights, quantisation,
-                        shard_bytes, progress)  # fmt: skip
+        return report
+
+    merged_dir = out / "merged" if gguf else folder
+    dtype = "float32" if gguf else options.get("dtype", "bfloat16")  # a GGUF's tensors are rounded once, from float32
+    merged_info = merge(Path(config.base_model_path), adapter_dir, merged_dir, dtype, base_weights, quantisation,
+                        shard_bytes, progress("merging"))  # fmt: skip
+    export_info: dict = {"format": options["format"], **merged_info}
+    if gguf:
+        name = f"{config.job_id or 'model'}-{options['quantization']}.gguf"
+        folder.mkdir(parents=True, exist_ok=True)
+        written = write_gguf(merged_dir, folder / name, options["quantization"], config.job_id or config.base_model_id
+                             or "model", progress("writing GGUF"))  # fmt: skip
+        shutil.rmtree(merged_dir)
+        template = AutoTokenizer.from_pretrained(config.base_model_path).chat_template
+        eos = ChatTokenizer(config.base_model_path).special["eos_token"]
+        stops = [eos] if eos else []
+        (folder / "Modelfile").write_text(modelfile(name, template, stops))
+        export_info = {**export_info, **written, "file": name, "dtype": None}
     log("measuring fidelity against the quantised base with the adapter")
     tokenizer = ChatTokenizer(config.base_model_path)
     train_set, valid_set = job_examples(config, tokenizer)
     examples = (valid_set or train_set)[:FIDELITY_EXAMPLES]
     reference = lora_model(config)
     load_adapter_weights(reference, adapter_dir)
-    reference.eval()
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+    in_float32(reference).eval()
+    if gguf:
+        merged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=export_info["file"], dtype=torch.float32).eval()
+        round_trip = AutoTokenizer.from_pretrained(folder, gguf_file=export_info["file"]).chat_template
+        export_info["chat_template_round_trip"] = round_trip == template
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
     collate = chat_data.Collator.for_tokenizer(tokenizer, False, reference.device)
     figures = fidelity(reference, merged, examples, collate, config.batch_size)
     kind, records = comparison.validation_records(config.train_file, config.validation_file, config.seed)
@@ -105,20 +135,20 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
         tokenizer, kind, records, config.evaluation_prompts, config.max_seq_length
     ) or comparison.sample_prompts(tokenizer, *chat_data.read_records(config.train_file), 3, config.max_seq_length)
     samples = answers_side_by_side(reference, merged, tokenizer, prompts, config.evaluation_max_new_tokens)
-    passed = figures["loss_drift"] <= max_loss_drift
+    passed = figures["loss_drift"] <= max_loss_drift and export_info.get("chat_template_round_trip", True)
     manifest = {
         "format": FORMAT,
         "job_id": config.job_id,
         "base_model": config.base_model_id,
-        "export": {"format": "merged", **merged_info},
+        "export": export_info,
         "fidelity": {
             **figures,
             "examples": len(examples),
             "examples_from": "validation" if valid_set else "training",
             "greedy_matches": sum(1 for s in samples if s["match"]),
             "samples": samples,
-            "reference": f"the {config.quantization} base with the adapter, computing in "
-            f"{str(compute_dtype()).removeprefix('torch.')}; the merged model computing in float32",
+            "reference": f"the {config.quantization} base with the adapter (its weights as trained), and the export "
+            "loaded by transformers, both computing in float32",
             "bounds": {"max_loss_drift": max_loss_drift},
             "passed": passed,
         },
@@ -128,6 +158,21 @@ def export_merged(config: TrainingConfig, adapter_dir: Path, out: Path, dtype: s
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def in_float32(model):
+    """The same model computing in float32: its 4-bit layers dequantise into float32 (exactly: their values are
+    numbers of the dtype they were quantised from) and every other weight is cast up. The differences then
+    measured are the export's (the merge, its dtype, the GGUF's quantisation), not those of bf16 arithmetic."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not isinstance(tensor, bnb.nn.Params4bit) and tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
+    return model
 
 
 def answers_side_by_side(reference, merged, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
@@ -146,12 +191,16 @@ def answers_side_by_side(reference, merged, tokenizer, prompts, max_new_tokens: 
 def summary(manifest: dict) -> str:
     figures, export = manifest["fidelity"], manifest["export"]
     verdict = "within" if figures["passed"] else "OUTSIDE"
+    made = f"GGUF {export['quantization']}" if export["format"] == "gguf" else export["dtype"]
+    template = ""
+    if export.get("chat_template_round_trip") is False:
+        template = "; the chat template did NOT come back from the GGUF unchanged"
     return (
-        f"Merged {export['merged_weights']} LoRA weights into the {export['base_weights']} base, {export['dtype']}: "
+        f"Merged {export['merged_weights']} LoRA weights into the {export['base_weights']} base, {made}: "
         f"loss {figures['loss_merged']:.4f} against {figures['loss_trained']:.4f} as trained "
         f"(drift {figures['loss_drift']:.2%}, {verdict} the bound of {figures['bounds']['max_loss_drift']:.0%}), "
         f"max |Δlogit| {figures['max_abs_logit_delta']:.4f}, mean KL {figures['mean_kl']:.2e}, greedy answers "
-        f"matching {figures['greedy_matches']}/{len(figures['samples'])}"
+        f"matching {figures['greedy_matches']}/{len(figures['samples'])}{template}"
     )
 
 
@@ -160,16 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="the job's TrainingConfig as JSON")
     parser.add_argument("--adapter", type=Path, required=True, help="the delivered adapter's folder")
     parser.add_argument("--out", type=Path, required=True, help="where model/ is written")
+    parser.add_argument("--format", default="merged", choices=("merged", "gguf"))
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--quantization", default="q8_0", choices=("f16", "q8_0"), help="of a GGUF")
     parser.add_argument("--base-weights", default="nf4", choices=("nf4", "original"))
     parser.add_argument("--max-loss-drift", type=float, default=MAX_LOSS_DRIFT)
     parser.add_argument("--shard-mb", type=int, default=2048, help="the largest weight shard, in MiB")
     args = parser.parse_args(argv)
     die_with_parent()
     config = TrainingConfig.model_validate_json(args.config.read_text())
-    manifest = export_merged(
-        config, args.adapter, args.out, args.dtype, args.base_weights, args.max_loss_drift, args.shard_mb * 2**20
-    )
+    options = {"format": args.format, "dtype": args.dtype, "quantization": args.quantization,
+               "base_weights": args.base_weights}  # fmt: skip
+    manifest = export_model(config, args.adapter, args.out, options, args.max_loss_drift, args.shard_mb * 2**20)
     print(json.dumps({"manifest": str(args.out / "model" / MANIFEST), "passed": manifest["fidelity"]["passed"],
                       "summary": summary(manifest)}), flush=True)  # fmt: skip
     return 0

@@ -4,8 +4,8 @@
 
 `W` is one of two choices (`base_weights`):
 - `nf4`: the weights the adapter was trained against: each of the base's quantised layers quantised to 4 bits
-  and dequantised again, exactly as the recipe's loading quantises it (same quant type, block size, double
-  quantisation and input dtype), the others as they are;
+  exactly as the recipe's loading quantises it (same quant type, block size, double quantisation and input
+  dtype) and dequantised in float32, as bitsandbytes' 4-bit matmul uses it, the others as they are;
 - `original`: the base's own 16-bit weights.
 Merging into the 4-bit weights themselves (`merge_and_unload` on a quantised model) would round the update back
 to 4 bits; here nothing is rounded but the final cast.
@@ -65,7 +65,10 @@ class Quantisation:
             compress_statistics=self.double,
             quant_type=self.quant_type,
         )
-        return dequantize_4bit(packed, state).float()
+        # Each value is its 4-bit code times its block's scale, in float32, as bitsandbytes' matmul computes it;
+        # dequantising into the input dtype (the default) would round it to bf16 again.
+        state.dtype = torch.float32
+        return dequantize_4bit(packed, state)
 
 
 @dataclass(frozen=True)
