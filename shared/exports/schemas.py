@@ -28,11 +28,20 @@ class ExportCreate(BaseModel):
         "against, dequantised; `original`, the base's own 16-bit weights (docs/export.md compares them)",
     )
 
+    max_loss_drift: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the largest relative difference of the export's held-out loss from the model as trained that "
+        "still delivers it (default: the server's TUNEQUEUE_EXPORT_MAX_LOSS_DRIFT, 0.01)",
+    )
+
     def options(self) -> dict:
+        bound = {} if self.max_loss_drift is None else {"max_loss_drift": self.max_loss_drift}
         if self.format == "merged":
-            return {"dtype": self.dtype, "base_weights": self.base_weights}
+            return {"dtype": self.dtype, "base_weights": self.base_weights, **bound}
         if self.format == "gguf":
-            return {"quantization": self.quantization, "base_weights": self.base_weights}
+            return {"quantization": self.quantization, "base_weights": self.base_weights, **bound}
         return {}
 
 
@@ -46,6 +55,7 @@ class ExportObject(BaseModel):
     dtype: str | None = None
     quantization: str | None = None
     base_weights: str | None = None
+    max_loss_drift: float | None = None
     status: Status
     error: str | None = Field(None, description="why it failed, with the figures when its fidelity was out of bounds")
     progress: str | None = Field(None, description="the step a running export is at")

@@ -161,10 +161,11 @@ def check_exports(stack, job, tmp_path):
 
     exports = f"/v1/fine_tuning/jobs/{job['id']}/exports"
     job = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-    made = stack.client.post(exports, json={"format": "merged", "dtype": "bfloat16"})
+    body = {"format": "merged", "dtype": "bfloat16", "max_loss_drift": 0.02}
+    made = stack.client.post(exports, json=body)
     assert made.status_code == 200 and made.json()["status"] in ("queued", "running"), made.text
     export_id = made.json()["id"]
-    assert stack.client.post(exports, json={"format": "merged"}).json()["id"] == export_id  # the same options
+    assert stack.client.post(exports, json=body).json()["id"] == export_id  # the same options: the same export
     bad = stack.client.post(exports, json={"format": "merged", "dtype": "int3"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "dtype", bad.text
 
@@ -176,7 +177,8 @@ def check_exports(stack, job, tmp_path):
 
     export = wait_for(lambda: finished(export_id), 180, "the merged export")
     assert export["status"] == "succeeded", (export, stack.logs())
-    assert export["dtype"] == "bfloat16" and export["base_weights"] == "nf4" and export["bytes"] > 0
+    assert export["dtype"] == "bfloat16" and export["base_weights"] == "nf4" and export["max_loss_drift"] == 0.02
+    assert export["bytes"] > 0
     fidelity = export["fidelity"]
     assert fidelity["passed"] is True and fidelity["loss_drift"] <= 0.01 and fidelity["examples_from"] == "validation"
     content = stack.client.get(f"{exports}/{export_id}/content")

@@ -115,7 +115,7 @@ def test_keys_create_list_revoke(migrated, capsys):
     header, row = out.splitlines()
     assert header.split() == ["ID", "TENANT", "ROLE", "PREFIX", "NAME", "CREATED", "(UTC)", "EXPIRES", "(UTC)", "STATE"]
     key_id = row.split()[0]
-    assert row.split()[1:5] == ["acme", "tenant", f"{secret[:len(row.split()[3]) - 1]}…", "ci"]
+    assert row.split()[1:5] == ["acme", "tenant", f"{secret[: len(row.split()[3]) - 1]}…", "ci"]
     assert row.split()[-1] == "active" and secret not in out
     assert run(capsys, "keys", "list", "--tenant", "other")[1].startswith("No API keys for tenant 'other'.")
     code, out, _ = run(capsys, "keys", "revoke", key_id)

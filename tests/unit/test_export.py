@@ -189,8 +189,9 @@ def test_the_export_process_writes_a_loadable_folder_with_its_fidelity(trained, 
 
 
 def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
-    """f16 and q8_0 GGUF files written by the export load with transformers (`gguf_file=`), within the fidelity
-    bound, with the chat template unchanged and an Ollama Modelfile beside them."""
+    """An f16 GGUF written by the export loads with transformers (`gguf_file=`), within the fidelity bound, with
+    RoPE's base, the chat template and the special tokens unchanged and an Ollama Modelfile beside it (q8_0: the
+    real stack's test, tests/integration/test_flow.py)."""
     import shutil
 
     from gguf import GGUFReader
@@ -205,8 +206,7 @@ def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
     config = {"base_model_path": str(base), "train_file": str(data), "lora_r": 8, "lora_alpha": 16, "seed": 3,
               "dataset_sha256": "x", "job_id": "ftjob-test"}  # fmt: skip
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    drift = {}
-    for quantization in ("f16", "q8_0"):
+    for quantization in ("f16",):
         out = tmp_path / quantization
         result = subprocess.run(
             [sys.executable, "-m", "worker.training.export", "--config", str(tmp_path / "cfg.json"), "--adapter",
@@ -221,7 +221,7 @@ def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
         )
         manifest = json.loads((folder / "tunequeue_export.json").read_text())
         assert manifest["export"]["chat_template_round_trip"] is True and manifest["export"]["tokenizer_pre"] == "gpt2"
-        drift[quantization] = manifest["fidelity"]["max_abs_logit_delta"]
+        assert manifest["fidelity"]["max_abs_logit_delta"] < 0.01
         reader = GGUFReader(folder / f"ftjob-test-{quantization}.gguf")
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         assert types["blk.0.attn_q.weight"] == quantization.upper() and types["blk.0.attn_norm.weight"] == "F32"
@@ -232,7 +232,6 @@ def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
             modelfile.startswith(f"FROM ./ftjob-test-{quantization}.gguf")
             and 'PARAMETER stop "<|im_end|>"' in modelfile
         )
-    assert drift["f16"] < drift["q8_0"] < 0.05, drift
 
 
 def test_only_bases_llama_cpp_reads_as_their_own_tokenizer_are_written_as_gguf(tiny_model, tmp_path):

@@ -97,7 +97,7 @@ class ExportRun:
                    "--out", str(out), "--format", options["format"], "--base-weights", options["base_weights"],
                    *(("--dtype", options["dtype"]) if "dtype" in options else ()),
                    *(("--quantization", options["quantization"]) if "quantization" in options else ()),
-                   "--max-loss-drift", str(self.settings.export_max_loss_drift),
+                   "--max-loss-drift", str(options.get("max_loss_drift", self.settings.export_max_loss_drift)),
                    "--shard-mb", str(self.settings.export_shard_mb)]  # fmt: skip
         process = start_recipe_process(command, recipe_environment(self.lease.environment(), None))
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
