@@ -24,6 +24,8 @@ from shared.auth.sessions import SignedIn, sign_in, sign_out
 from shared.basemodels.service import list_base_models
 from shared.catalog import service as catalog
 from shared.errors import InvalidRequest, PermissionDenied, TunequeueError, Unauthenticated
+from shared.exports import service as export_service
+from shared.exports.schemas import ExportCreate, ExportObject
 from shared.files import service as files
 from shared.ids import now
 from shared.jobs import service as jobs
@@ -264,6 +266,11 @@ def job_page(request: Request, session: ReadSession, user: User, job_id: str):
         report=job.validation_report,
         histogram=_histogram_bars((job.validation_report or {}).get("length")),
         checkpoints=[CheckpointObject.of(c, name) for c in checkpoints],
+        exports=[
+            ExportObject.of(e, *export_service.shown(e))
+            for e in export_service.list_exports(session, user.principal.tenant, job.id, after=None, limit=50)
+        ],
+        export_choices=EXPORT_CHOICES,
         terminal=job.status in state.TERMINAL,
         can_cancel=job.status not in state.TERMINAL,
         can_pause=job.status in (JobStatus.QUEUED, JobStatus.RUNNING),
@@ -300,6 +307,29 @@ def _histogram_bars(length: dict | None) -> list[dict]:
         {"label": f"{b['from']}–{b['to'] - 1}", "value": b["examples"], "width": round(100 * b["examples"] / top)}
         for b in bins
     ]
+
+
+# What the job page's export form offers: (value, label), the value "format:dtype or quantization".
+EXPORT_CHOICES = (
+    ("merged:bfloat16", "merged safetensors, bfloat16"),
+    ("merged:float16", "merged safetensors, float16"),
+    ("merged:float32", "merged safetensors, float32"),
+    ("gguf:q8_0", "GGUF q8_0 + Modelfile"),
+    ("gguf:f16", "GGUF f16 + Modelfile"),
+)
+
+
+@router.post("/jobs/{job_id}/exports")
+def job_export(session: DbSession, user: FormUser, job_id: str, export: Annotated[str, Form()] = "merged:bfloat16"):
+    """The export form (`docs/export.md`): the same service as POST /v1/fine_tuning/jobs/{id}/exports."""
+    if export not in dict(EXPORT_CHOICES):
+        raise InvalidRequest(f"Unknown export {export!r}: one of {', '.join(dict(EXPORT_CHOICES))}", param="export")
+    kind, detail = export.split(":")
+    option = {"dtype": detail} if kind == "merged" else {"quantization": detail}
+    export_service.create_export(
+        session, user.principal.tenant, job_id, ExportCreate.model_validate({"format": kind, **option})
+    )
+    return back(f"/ui/jobs/{job_id}#exports")
 
 
 @router.post("/jobs/{job_id}/{action}")

@@ -332,3 +332,19 @@ def test_dev_makes_the_first_admin_key_once(tmp_path, monkeypatch, capsys):
         assert principal is not None and principal.admin and principal.tenant == "default"
         stored = list_keys(session)[0]
         assert secret not in (stored.secret_sha256, stored.prefix) and stored.prefix == secret[:10]
+
+
+def test_the_job_page_lists_and_asks_for_exports(world):
+    """A succeeded job's page has the export form (the same service as the API) and lists its exports with
+    their status and download link; the form refuses a choice it does not offer."""
+    clients, ids, _, app = world
+    a, csrf = signed_in(app, secret_of(clients["a"]))
+    page = f"/ui/jobs/{ids['job_id']}"
+    assert 'action="/ui/jobs/' in a.get(page).text and f"{ids['export_id']}" in a.get(page).text
+    asked = a.post(f"{page}/exports", data={"csrf_token": csrf, "export": "gguf:q8_0"})
+    assert asked.status_code == 303 and asked.headers["location"] == f"{page}#exports"
+    listed = clients["a"].get(f"/v1/fine_tuning/jobs/{ids['job_id']}/exports").json()["data"]
+    assert [(e["format"], e["quantization"], e["status"]) for e in listed][0] == ("gguf", "q8_0", "queued")
+    shown = a.get(page).text
+    assert listed[0]["id"] in shown and f"/exports/{ids['export_id']}/content" in shown
+    assert a.post(f"{page}/exports", data={"csrf_token": csrf, "export": "gguf:q2_k"}).status_code == 400
