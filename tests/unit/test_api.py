@@ -167,6 +167,11 @@ def test_evaluation_or_why_there_is_none(client):
             job.status, job.fine_tuned_model, job.evaluation = "succeeded", f"ft:tiny-llama::{job_id}", evaluation
 
     assert_error(client.post(path), 409, "validating_files")
+    exports = f"/v1/fine_tuning/jobs/{job_id}/exports"
+    for status in ("validating_files", "failed", "cancelled"):
+        with session_scope() as session:
+            session.get(Job, job_id).status = status
+        assert_error(client.post(exports, json={"format": "merged"}), 409, status, "only a succeeded job")
     stored(None)  # succeeded before jobs were evaluated
     assert_error(client.get(path), 404, "has no evaluation", f"POST {path}")
     asked_for(client, job_id, path)
@@ -181,7 +186,6 @@ def test_evaluation_or_why_there_is_none(client):
             "improved": True, "samples": [sample], "max_new_tokens": 64, "seconds": 1.5,
         }
     )  # fmt: skip
-    exports = f"/v1/fine_tuning/jobs/{job_id}/exports"
     with session_scope() as session:
         job = session.get(Job, job_id)
         job.adapter_key, job.adapter_sha256 = f"tenants/default/jobs/{job_id}/attempt-1/adapter.zip", "0" * 64
