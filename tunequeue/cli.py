@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS", help="time between polls")
     download = on_job("download", "download a succeeded job's adapter as a zip; prints its path")
     download.add_argument("-o", "--output", type=Path, help="file or folder to write (default: ./ID-adapter.zip)")
+    export = on_job(
+        "export", "export a succeeded job's model (merged safetensors or GGUF), wait for it, download its zip"
+    )
+    export.add_argument("--format", choices=["merged", "gguf", "adapter"], default="merged", help="what to make")
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="merged's")
+    export.add_argument("--quantization", choices=["f16", "q8_0"], default="q8_0", help="a GGUF's")
+    export.add_argument("--interval", type=seconds, default=2.0, metavar="SECONDS", help="time between polls")
+    export.add_argument("-o", "--output", type=Path, help="file or folder to write (default: ./ID-FORMAT-EXPORT.zip)")
     return parser
 
 

@@ -406,3 +406,39 @@ def test_a_download_that_does_not_match_the_servers_sha256_writes_nothing(server
     code, _, err = run(capsys, server, "jobs", "download", "ftjob-1", "-o", str(target))
     assert code == 1 and "not the server's 000" in err and "nothing was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_waits_for_the_export_then_downloads_it(server, tmp_path, capsys, monkeypatch):
+    content = os.urandom(200_000)
+    fidelity = {"loss_merged": 1.2614, "loss_trained": 1.2609, "loss_drift": 0.0004, "greedy_matches": 3,
+                "samples": [{}, {}, {}]}  # fmt: skip
+    states = iter([{"status": "running", "progress": "merging: 50/272 tensors"}, {"status": "succeeded"}])
+    export = {"id": "ftexport-1", "object": "fine_tuning.job.export", "format": "gguf", "status": "queued"}
+    asked: list[dict] = []
+
+    def create(request):
+        asked.append(json.loads(request.body))
+        return reply(200, export)
+
+    server.routes["POST", "/v1/fine_tuning/jobs/ftjob-1/exports"] = create
+    server.routes["GET", "/v1/fine_tuning/jobs/ftjob-1/exports/ftexport-1"] = lambda r: reply(
+        200, {**export, "fidelity": fidelity, **next(states)}
+    )
+    headers = {"content-type": "application/zip", "x-export-sha256": hashlib.sha256(content).hexdigest()}
+    server.routes["GET", "/v1/fine_tuning/jobs/ftjob-1/exports/ftexport-1/content"] = lambda r: (200, headers, content)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, server, "jobs", "export", "ftjob-1", "--format", "gguf", "--interval", "0.01")
+    assert (code, out) == (0, "ftjob-1-gguf-ftexport-1.zip\n"), err
+    assert asked == [{"format": "gguf", "quantization": "q8_0"}]
+    assert "ftexport-1: running, merging: 50/272 tensors" in err and "held-out loss 1.2614 against 1.2609" in err
+    assert (tmp_path / "ftjob-1-gguf-ftexport-1.zip").read_bytes() == content
+
+
+def test_an_export_that_fails_says_why_and_writes_nothing(server, tmp_path, capsys):
+    failed = {"id": "ftexport-2", "format": "merged", "status": "failed",
+              "error": "its fidelity is outside the bounds: loss drift 3.00%"}  # fmt: skip
+    server.routes["POST", "/v1/fine_tuning/jobs/ftjob-1/exports"] = lambda r: reply(200, {**failed, "status": "queued"})
+    server.routes["GET", "/v1/fine_tuning/jobs/ftjob-1/exports/ftexport-2"] = lambda r: reply(200, failed)
+    code, _, err = run(capsys, server, "jobs", "export", "ftjob-1", "-o", str(tmp_path), "--interval", "0.01")
+    assert code == 1 and "ftexport-2 failed: its fidelity is outside the bounds" in err
+    assert list(tmp_path.iterdir()) == []
