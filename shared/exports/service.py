@@ -5,9 +5,10 @@ An export goes queued → running → succeeded or failed, each step a condition
 export (or a running one whose lease has passed) before it starts, renews its lease while it works, and
 stores the zip under the job's prefix only once the whole folder is made and its fidelity is within bounds, so
 a failed export leaves no object. Asking again for an export the job already has (same format and options,
-queued, running or succeeded) returns that one; a failed one is made anew. A running export whose worker's
-lease has passed is shown as failed. Exports count in the tenant's storage (`shared.quotas`) and are deleted
-with the fine-tuned model (`shared.catalog.service.delete_model`)."""
+queued, running or succeeded) returns that one, and publishes a queued one's message again if no worker has
+claimed it within REPUBLISH_SECONDS (a message lost with the broker); a failed one is made anew. A running
+export whose worker's lease has passed is shown as failed. Exports count in the tenant's storage
+(`shared.quotas`) and are deleted with the fine-tuned model (`shared.catalog.service.delete_model`)."""
 
 from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session
@@ -25,6 +26,7 @@ from shared.queue import publish_export
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 WORKER_LOST = "the worker making it stopped before it finished; ask for it again"
+REPUBLISH_SECONDS = 60  # a queued export no worker has claimed by then is published again when asked for again
 
 
 class ExportNotReady(Conflict):
@@ -56,13 +58,15 @@ def create_export(session: Session, tenant: str, job_id: str, request: ExportCre
     if request.format == "gguf":
         refuse_gguf_of(session.get(BaseModelRecord, job.model), job.model)
     options = request.options()
+    timestamp = now()
     for export in session.scalars(select(Export).where(Export.job_id == job.id, Export.format == request.format)):
         if export.options == options and shown(export)[0] != FAILED:
+            if export.status == QUEUED and (export.lease_expires_at or 0) < timestamp:
+                republish(session, export, job.priority, timestamp)  # no worker took it: its message may be lost
             return export  # asked for again: the one on its way, or made
-    timestamp = now()
     export = Export(
         id=new_id("ftexport"), job_id=job.id, tenant=tenant, format=request.format, options=options,
-        status=QUEUED, created_at=timestamp,
+        status=QUEUED, created_at=timestamp, lease_expires_at=timestamp + REPUBLISH_SECONDS,
     )  # fmt: skip
     if request.format == "adapter":  # the object the job already holds: nothing to make or count again
         export.status, export.finished_at = SUCCEEDED, timestamp
@@ -76,6 +80,19 @@ def create_export(session: Session, tenant: str, job_id: str, request: ExportCre
     record(session, job, f"Export {export.id} requested: {describe(export)}")
     session.flush()
     return export
+
+
+def republish(session: Session, export: Export, priority: int, timestamp: int) -> None:
+    """Publish a queued export's message again, at most once a REPUBLISH_SECONDS: a duplicate finds it claimed."""
+    taken = session.execute(
+        update(Export)
+        .where(Export.id == export.id, Export.status == QUEUED, Export.lease_expires_at == export.lease_expires_at)
+        .values(lease_expires_at=timestamp + REPUBLISH_SECONDS)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if taken:
+        export_id = export.id
+        after_commit(session, lambda: publish_export(export_id, priority))
 
 
 GGUF_ARCHITECTURES = ("LlamaForCausalLM",)  # what `worker.training.gguf_export` writes

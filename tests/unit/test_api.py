@@ -196,7 +196,17 @@ def test_evaluation_or_why_there_is_none(client):
     assert_error(client.post(exports, json={"format": "merged", "bits": 4}), 400, param="bits")
     with session_scope() as session:
         session.get(BaseModelRecord, "tiny-llama").architecture = architecture
-    assert client.post(exports, json={"format": "gguf"}).json()["status"] == "queued"
+    from shared.exports.models import Export
+    from shared.queue import queue_depths, train_queue
+
+    queued = client.post(exports, json={"format": "gguf"}).json()
+    depth = (queue_depths() or {})[train_queue(1)]
+    assert queued["status"] == "queued" and client.post(exports, json={"format": "gguf"}).json()["id"] == queued["id"]
+    assert (queue_depths() or {})[train_queue(1)] == depth  # asked again at once: nothing more published
+    with session_scope() as session:
+        session.get(Export, queued["id"]).lease_expires_at = 0  # no worker took it in time: its message may be lost
+    assert client.post(exports, json={"format": "gguf"}).json()["id"] == queued["id"]
+    assert (queue_depths() or {})[train_queue(1)] == depth + 1
     assert client.get(path).json() == {
         "object": "fine_tuning.job.evaluation",
         "fine_tuning_job_id": job_id,
