@@ -52,9 +52,32 @@ class ChatTokenizer:
         self.template = _compile(self.template_source) if self.template_source else None
         self.eos_id = self._token_id(self.special["eos_token"])
         self.pad_id = self._token_id(self.special["pad_token"]) if self.special["pad_token"] else self.eos_id
+        self.leading = self._leading_special_tokens(config.get("add_bos_token"))
 
     def _token_id(self, text: str | None) -> int | None:
         return self.tokenizer.token_to_id(text) if text else None
+
+    def _leading_special_tokens(self, add_bos_token) -> list[int]:
+        """What the tokenizer puts before a text of its own accord: the special tokens its post-processor adds
+        in front (a Llama tokenizer's BOS; nothing for SmolLM2's), unless `tokenizer_config.json` says
+        `add_bos_token` explicitly, which transformers follows. A chat template writes its own BOS where the
+        model wants one, so only prompt/completion and text examples get these."""
+        probe = self.tokenizer.encode("a", add_special_tokens=True)
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        start = next((k for k in range(len(probe.ids)) if probe.ids[k : k + len(plain)] == plain), 0)
+        leading = list(probe.ids[:start]) if all(probe.special_tokens_mask[:start]) else []
+        bos_id = self._token_id(self.special["bos_token"])
+        if add_bos_token is True and bos_id is not None and bos_id not in leading:
+            leading.insert(0, bos_id)
+        if add_bos_token is False:
+            leading = [token for token in leading if token != bos_id]
+        return leading
+
+    def prompt_ids(self, text: str, kind: str) -> list[int]:
+        """A prompt as the model saw prompts in training: a chat render as it is, a plain prompt after the
+        tokenizer's leading special tokens (`leading`)."""
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return ids if kind == CHAT else self.leading + ids
 
     def fingerprint(self) -> str:
         """sha256 of the tokenizer and template: changes when either would change the tokens."""
@@ -80,14 +103,30 @@ class ChatTokenizer:
             text, spans, eos = record["text"], [(0, len(record["text"]))], True
         if train_on_inputs:
             spans = [(0, len(text))]
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        ids = list(encoding.ids)
-        labels = _labels(ids, encoding.offsets, spans)
+        ids, offsets = self._encode_in_pieces(text, [start for start, _ in spans])
+        labels = _labels(ids, offsets, spans)
+        if kind != CHAT and self.leading:
+            ids, labels = self.leading + ids, [IGNORE_INDEX] * len(self.leading) + labels
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
             labels.append(self.eos_id)
         full = len(ids)
         return Encoded(ids[:max_seq_length], labels[:max_seq_length], full > max_seq_length, full)
+
+    def _encode_in_pieces(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`text`'s tokens and their offsets, encoded piece by piece between the `cuts` (where trained spans
+        begin). At generation the prompt is encoded alone and the answer's tokens follow it, so training does the
+        same: encoded whole, an answer that begins with a space (" Hello", a completion after "A: ") could have
+        that space merged into the prompt's last token, which is masked, and the model would never learn to write
+        it. Where nothing straddles a cut the tokens are the same either way."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        bounds = [0, *sorted({cut for cut in cuts if 0 < cut < len(text)}), len(text)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            encoding = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+            ids.extend(encoding.ids)
+            offsets.extend((begin + start, finish + start) for begin, finish in encoding.offsets)
+        return ids, offsets
 
     def _chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and each trained assistant turn's span in it: from where the generation

@@ -7,6 +7,7 @@ import pytest
 
 from shared.datasets.tokenization import ChatTokenizer
 from worker.training import comparison
+from worker.training.checkpointing import TrainingProgress
 
 
 def test_prompts_are_what_precedes_the_last_answer(tiny_model):
@@ -91,3 +92,44 @@ def test_improved_compares_the_losses():
     nothing = comparison.build_evaluation({}, {"step": 6}, {"selection": "last", "step": 6}, 0, [])
     assert nothing["base"] is None and nothing["tuned"] is None and nothing["improved"] is None
     assert "no validation examples" in comparison.summary(nothing)
+
+
+class RecordingReporter:
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.events.append({"event": "metrics", "step": step, **metrics})
+
+    def event(self, kind: str, **fields) -> None:
+        self.events.append({"event": kind, **fields})
+
+
+@pytest.mark.parametrize("best_loss, beaten", [(2.9, True), (3.0, False), (3.4, False)])
+def test_a_run_whose_evaluations_never_beat_the_base_says_so(best_loss, beaten):
+    """The base model's score before the first step is the bar: a best evaluation that does not go under it
+    (equal included) gets a `warn` event naming both figures and what to change, and `base_beaten: false`."""
+    from worker.training.evaluation import BestValidation
+    from worker.training.recipe import TrainingLoop
+
+    loop = TrainingLoop.__new__(TrainingLoop)  # the decision alone: no model, engine or data needed
+    loop.reporter = RecordingReporter()
+    loop.validation = BestValidation({"step": 8, "valid_loss": best_loss, "valid_mean_token_accuracy": 0.3})
+    loop.progress = TrainingProgress(initial={"valid_loss": 3.0, "valid_mean_token_accuracy": 0.2})
+    assert loop.base_beaten() is beaten
+    warnings = [e for e in loop.reporter.events if e.get("level") == "warn"]
+    if beaten:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert f"{best_loss:.4f} at step 8" in warning["message"] and "3.0000" in warning["message"]
+        assert "learning_rate_multiplier" in warning["message"]
+        # The worker reads it as any recipe event, at the level it gives.
+        from worker.training.events import RECIPE_EVENT, MessageEvent
+
+        parsed = RECIPE_EVENT.validate_python(warning)
+        assert isinstance(parsed, MessageEvent) and parsed.level == "warn"
+    loop.progress = TrainingProgress()  # no validation set: nothing to compare
+    assert loop.base_beaten() is None
+    evaluation = comparison.build_evaluation({}, {}, {"selection": "last", "step": 1}, 0, [], base_beaten=None)
+    assert evaluation["base_beaten"] is None

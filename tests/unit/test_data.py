@@ -84,6 +84,79 @@ def test_text_trains_everything_and_eos(tokenizer):
     assert trained_text(tokenizer, example) == "Once upon a time<|im_end|>"
 
 
+@pytest.mark.parametrize(
+    "kind, record, trained",
+    [
+        # The prompt ends with the space: encoded whole, " answer" would be one token starting in the prompt.
+        (PROMPT_COMPLETION, {"prompt": "Q: capital of France?\nA: ", "completion": "Paris"}, "Paris<|im_end|>"),
+        (CHAT, chat("Hi", " Hello there"), " Hello there<|im_end|>\n"),
+        (CHAT, chat("Hi", "  two spaces"), "  two spaces<|im_end|>\n"),
+        (CHAT, chat("Hi", "\nA new line"), "\nA new line<|im_end|>\n"),
+    ],
+)
+def test_an_answer_is_trained_as_the_model_generates_it_after_its_prompt(tokenizer, kind, record, trained):
+    """Whitespace at an answer's start is trained, in the tokens the model produces after the prompt encoded
+    alone (what generation sees), not merged into the masked prompt's last token."""
+    example = tokenizer.encode(record, kind, 256)
+    assert trained_text(tokenizer, example) == trained
+    first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    prompt = record["prompt"] if kind == PROMPT_COMPLETION else tokenizer.render(record["messages"][:1], True)
+    assert example.input_ids[:first] == tokenizer.prompt_ids(prompt, kind)
+    answer = record["completion"] if kind == PROMPT_COMPLETION else record["messages"][-1]["content"]
+    assert example.input_ids[first:][: len(tokenizer.tokenizer.encode(answer).ids)] == (
+        tokenizer.tokenizer.encode(answer, add_special_tokens=False).ids
+    )
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer_dir(tokenizer_dir, tmp_path_factory):
+    """The demo tokenizer with a Llama-style post-processor: a BOS token before every text it encodes."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("bos-tokenizer")
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    bos = "<|endoftext|>"
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [0], "tokens": [bos]}},
+    }  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos}))
+    return folder
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_plain_formats_start_as_the_tokenizer_starts_a_text(tokenizer_dir, bos_tokenizer_dir, adds_bos):
+    """Prompt/completion and text examples begin with what the tokenizer itself puts before a text (a BOS for a
+    Llama-style tokenizer, nothing for SmolLM2's), exactly as transformers encodes them, masked; the generation
+    prompt the evaluation uses starts the same way. A chat example starts as its template writes it."""
+    from transformers import AutoTokenizer
+
+    folder = bos_tokenizer_dir if adds_bos else tokenizer_dir
+    ours, theirs = ChatTokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    record = {"prompt": "Q: capital of France?\nA:", "completion": " Paris"}
+    example = ours.encode(record, PROMPT_COMPLETION, 64)
+    expected = theirs(record["prompt"] + record["completion"])["input_ids"] + [ours.eos_id]
+    assert example.input_ids == expected
+    assert (example.input_ids[0] == theirs.bos_token_id) is adds_bos
+    assert trained_text(ours, example) == " Paris<|im_end|>"
+    assert ours.prompt_ids(record["prompt"], PROMPT_COMPLETION) == theirs(record["prompt"])["input_ids"]
+    text = ours.encode({"text": "Once upon a time"}, TEXT, 64)
+    assert text.input_ids[:-1] == theirs("Once upon a time")["input_ids"]
+    assert trained_text(ours, text) == "Once upon a time<|im_end|>"
+    conversation = ours.encode(chat("Hi", "Hello"), CHAT, 64)
+    assert conversation.input_ids == theirs(ours.render(chat("Hi", "Hello")["messages"]), add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
 def test_train_on_inputs_trains_the_prompt_too(tokenizer):
     example = tokenizer.encode(chat("Question here", "Answer"), CHAT, 256, train_on_inputs=True)
     assert "Question here" in trained_text(tokenizer, example)

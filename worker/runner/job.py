@@ -227,7 +227,7 @@ class JobRunner:
                 self.promotion.saved_state(event, self.metrics_rows, "step")
             case MessageEvent():
                 self.startup.recipe_said(event.message)
-                self.record_event(event.message)
+                self.record_event(event.message, event.level)
             case DoneEvent():
                 self.done = event
             case PausedEvent():

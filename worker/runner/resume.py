@@ -36,7 +36,7 @@ def fetch_resume_state(
             reason = "is missing" if isinstance(exc, ObjectNotFound) else "failed verification"
             mark_unusable(journal, checkpoint)
             log.warning("%s: checkpoint %s %s: %s", journal.job_id, checkpoint.id, reason, exc)
-            journal.event(f"The checkpoint at step {checkpoint.step} {reason}; it is marked unusable", level="warning")
+            journal.event(f"The checkpoint at step {checkpoint.step} {reason}; it is marked unusable", level="warn")
             continue
         folder = workdir / "resume"
         zipfile.ZipFile(archive).extractall(folder)
@@ -44,7 +44,7 @@ def fetch_resume_state(
         journal.event(f"Resuming from the checkpoint at step {checkpoint.step} (sha256 verified)")
         return ResumeState(folder, checkpoint.step, [row for row in rows if row["step"] <= checkpoint.step])
     journal.event(
-        f"No checkpoint verified (tried {', '.join(tried)}): training starts from the beginning", level="warning"
+        f"No checkpoint verified (tried {', '.join(tried)}): training starts from the beginning", level="warn"
     )
     return None
 

@@ -53,14 +53,33 @@ def checked_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {name: fields[name] for name in RESUMED_FIELDS}
 
 
+# What `rng_state` saves: torch's CPU generator, Python's, and on CUDA every device's generator.
+RNG_KEYS = ("torch_rng", "python_rng", "cuda_rng")
+
+
 def rng_state() -> dict[str, Any]:
-    """This rank's random generators: dropout draws from torch's, so a resume must continue its stream."""
-    return {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    """This rank's random generators. Dropout draws from torch's generator of the device it runs on (on a GPU,
+    that device's own), so a resume must continue each stream where it stood."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
+    """Puts back what `rng_state` saved. A CUDA state saved on another number of devices is restored for the
+    devices both runs have; a state saved without CUDA leaves the CUDA generators as seeded."""
     torch.set_rng_state(rng["torch_rng"])
     random.setstate(rng["python_rng"])
+    saved = rng.get("cuda_rng")
+    if saved and torch.cuda.is_available():
+        for index, state in enumerate(saved[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def rng_fields(state: dict[str, Any]) -> dict[str, Any]:
+    """The RNG entries of a state read back, taken out of it."""
+    return {key: state.pop(key) for key in RNG_KEYS if key in state}
 
 
 def rank_rng_file(folder: Path, rank: int) -> Path:

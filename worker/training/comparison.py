@@ -53,7 +53,7 @@ def sample_prompts(
     tokenizer: ChatTokenizer, kind: str, records: list[dict], count: int, max_tokens: int
 ) -> list[SamplePrompt]:
     """The first `count` validation examples that have a prompt of at most `max_tokens` tokens (the job's
-    max_seq_length: what it trained on), encoded as training encodes (no special tokens added)."""
+    max_seq_length: what it trained on), encoded as training encodes (`ChatTokenizer.prompt_ids`)."""
     prompts: list[SamplePrompt] = []
     for record in records:
         if len(prompts) == count:
@@ -61,7 +61,7 @@ def sample_prompts(
         found = prompt_and_reference(tokenizer, kind, record)
         if found is None:
             continue
-        ids = tokenizer.tokenizer.encode(found[0], add_special_tokens=False).ids
+        ids = tokenizer.prompt_ids(found[0], kind)
         if 0 < len(ids) <= max_tokens:
             prompts.append(SamplePrompt(found[0], found[1], list(ids)))
     return prompts
@@ -215,11 +215,18 @@ def scores(validation: dict) -> dict[str, float] | None:
 
 
 def build_evaluation(
-    initial: dict, delivered: dict, adapter: dict, validation_examples: int, samples: list[dict], **notes
+    initial: dict,
+    delivered: dict,
+    adapter: dict,
+    validation_examples: int,
+    samples: list[dict],
+    base_beaten: bool | None = None,
+    **notes,
 ) -> dict:
     """`initial`: the base model's validation metrics; `delivered`: the delivered adapter's; `adapter`: which
-    one it is (selection and step). `notes`: what else a reader should know (generation settings, why there
-    are no samples)."""
+    one it is (selection and step); `base_beaten`: whether any evaluation of the run beat the base model (None
+    where it is not known: an evaluation made later from the delivered adapter alone). `notes`: what else a
+    reader should know (generation settings, why there are no samples)."""
     base, tuned = scores(initial), scores(delivered)
     return {
         "format": FORMAT,
@@ -228,6 +235,7 @@ def build_evaluation(
         "base": base,
         "tuned": None if tuned is None else {**tuned, "step": adapter.get("step"), "selection": adapter["selection"]},
         "improved": None if base is None or tuned is None else tuned["loss"] < base["loss"],
+        "base_beaten": base_beaten,
         "samples": samples,
         **notes,
     }

@@ -140,5 +140,4 @@ class LocalEngine:
         load_adapter_weights(self.model, folder / checkpointing.ADAPTER)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
-        rng = {"torch_rng": state.pop("torch_rng"), "python_rng": state.pop("python_rng")}
-        return state, rng
+        return state, checkpointing.rng_fields(state)

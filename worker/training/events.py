@@ -39,8 +39,11 @@ class PausedEvent(SavedStateEvent):
 
 
 class MessageEvent(BaseModel):
+    """A line for the job's events, at OpenAI's event levels ("warn": the job goes on, but read this)."""
+
     event: Literal["message"] = "message"
     message: str
+    level: Literal["info", "warn"] = "info"
 
 
 class DoneEvent(BaseModel):

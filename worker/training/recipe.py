@@ -278,7 +278,9 @@ class TrainingLoop:
         delivered = adapter if adapter["selection"] == "best" else metrics
         samples, notes = self.sample_answers(tokenizer, adapter_dir, adapter["step"])
         initial = self.progress.initial
-        return comparison.build_evaluation(initial, delivered, adapter, len(self.valid_set), samples, **notes)
+        return comparison.build_evaluation(
+            initial, delivered, adapter, len(self.valid_set), samples, base_beaten=metrics.get("base_beaten"), **notes
+        )
 
     def sample_answers(self, tokenizer: ChatTokenizer, adapter_dir: Path, adapter_step: int) -> tuple[list, dict]:
         """(samples, notes). Answers that cannot be had (a prompt the template refuses, no memory left) are
@@ -306,6 +308,9 @@ class TrainingLoop:
         return samples, {"max_new_tokens": max_new_tokens, "seconds": round(time.monotonic() - started, 2)}
 
     def final_metrics(self, chosen: dict) -> dict:
+        """The run's figures. The validation ones are the delivered adapter's, taken at its step (`valid_step`):
+        with `adapter_selection: best` that is the best evaluation, not necessarily the last one, which is kept
+        beside them as `last_evaluation`."""
         metrics = {
             "step": self.global_step,
             "train_loss": self.last.get("train_loss"),
@@ -317,8 +322,32 @@ class TrainingLoop:
             **peak_memory(),
         }
         if self.valid_set:
-            final = {k: self.last[k] for k in ("valid_loss", "valid_mean_token_accuracy")}
-            metrics.update(final)
-            metrics.update({f"full_{k}": v for k, v in final.items()})
+            keys = ("valid_loss", "valid_mean_token_accuracy")
+            if chosen["selection"] == "last":
+                chosen.update({k: self.last[k] for k in keys})
+            delivered = {k: chosen[k] for k in keys}
+            metrics.update(delivered, valid_step=chosen["step"])
+            metrics.update({f"full_{k}": v for k, v in delivered.items()})
+            metrics["last_evaluation"] = {"step": self.last.get("valid_step"), **{k: self.last[k] for k in keys}}
             metrics.update({f"initial_{k}": v for k, v in self.progress.initial.items()})
+            metrics["base_beaten"] = self.base_beaten()
         return metrics
+
+    def base_beaten(self) -> bool | None:
+        """Whether any evaluation of the run scored a lower loss than the base model before the first step (None
+        where either is missing). When none did, the job says so at the `warn` level: whatever adapter is
+        delivered, not training would have done at least as well on the validation set."""
+        best, initial = self.validation.best, self.progress.initial
+        if best is None or not initial:
+            return None
+        beaten = best["valid_loss"] < initial["valid_loss"]
+        if not beaten:
+            self.reporter.event(
+                "message",
+                level="warn",
+                message=f"No evaluation beat the base model: the best valid_loss, {best['valid_loss']:.4f} at step "
+                f"{best['step']}, is not below the base model's {initial['valid_loss']:.4f} before training, so "
+                "the adapter is no better than the base on the validation set. Try a lower learning rate "
+                "(learning_rate_multiplier), fewer epochs, or more (or more varied) training data.",
+            )
+        return beaten
