@@ -152,9 +152,10 @@ def test_plain_formats_start_as_the_tokenizer_starts_a_text(tokenizer_dir, bos_t
     assert text.input_ids[:-1] == theirs("Once upon a time")["input_ids"]
     assert trained_text(ours, text) == "Once upon a time<|im_end|>"
     conversation = ours.encode(chat("Hi", "Hello"), CHAT, 64)
-    assert conversation.input_ids == theirs(ours.render(chat("Hi", "Hello")["messages"]), add_special_tokens=False)[
-        "input_ids"
-    ]
+    assert (
+        conversation.input_ids
+        == theirs(ours.render(chat("Hi", "Hello")["messages"]), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_train_on_inputs_trains_the_prompt_too(tokenizer):
