@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference bench-export gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference bench-export bench-numerics gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -64,6 +64,11 @@ bench-inference: $(STAMP)
 # merge into the 4-bit model, each against the model as trained on held-out chats (docs/export.md).
 bench-export: $(STAMP)
 	$(PY) -m benchmarks.export
+
+# bf16 numerics: the NF4 base's held-out loss with its norm layers in bf16, in float32 (the recipe's way) and after
+# PEFT's k-bit preparation, against the same model computing in float32 (docs/BENCHMARKS.md).
+bench-numerics: $(STAMP)
+	$(PY) -m benchmarks.numerics
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the
