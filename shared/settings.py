@@ -192,6 +192,12 @@ class WorkerSettings(_Area):
         ge=0,
         description="Recipe processes kept ready (libraries loaded) per worker; unset: one per device slot; 0: off",
     )
+    slot_memory_mb: int = Field(
+        default=0,
+        ge=0,
+        description="Memory one device slot offers a job, in MiB; 0: measured (a GPU's own memory; on a CPU node, "
+        "its RAM divided among its CPU slots). Jobs whose estimated peak does not fit are refused",
+    )
     training_allocator: str = Field(
         default="auto",
         description="Memory allocator preloaded into the recipe's processes: 'auto' (jemalloc where the system "

@@ -35,6 +35,7 @@ class Slots:
         self.condition = threading.Condition()
         self.waiting: list[tuple[int, int]] = []  # (-priority, arrival) of threads waiting for slots
         self._arrivals = itertools.count()
+        self._memory: int | None = None
 
     @classmethod
     def from_spec(cls, spec: str) -> "Slots":
@@ -79,7 +80,61 @@ class Slots:
 
     def describe(self) -> dict:
         with self.condition:
-            return {"kind": self.kind, "total": self.total, "free": len(self.free), "devices": list(self.ids)}
+            described = {"kind": self.kind, "total": self.total, "free": len(self.free), "devices": list(self.ids)}
+        memory = self.memory_bytes()
+        if not memory:
+            return described
+        return {**described, "memory_bytes": memory, "compute_bytes": compute_bytes(self.kind)}
+
+    def memory_bytes(self) -> int:
+        """What one slot offers a job (`TUNEQUEUE_SLOT_MEMORY_MB`, else measured once); 0 where unknown."""
+        if self._memory is None:
+            from shared.settings import get_settings
+
+            configured = get_settings().slot_memory_mb
+            self._memory = configured * 2**20 if configured else measured_slot_memory(self.kind, self.ids)
+        return self._memory
+
+
+def measured_slot_memory(kind: str, ids: list[str]) -> int:
+    """The smallest of the slots' GPUs (nvidia-smi, CUDA untouched), or the node's RAM shared by its CPU slots."""
+    import subprocess
+
+    if kind == "gpu":
+        query = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
+        try:
+            listing = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        sizes = {index.strip(): int(float(mib)) * 2**20 for index, _, mib in
+                 (line.partition(",") for line in listing.splitlines()) if mib.strip()}  # fmt: skip
+        return min((sizes[i] for i in ids if i in sizes), default=0)
+    return node_memory_bytes() // max(len(ids), 1)
+
+
+def compute_bytes(kind: str) -> int:
+    """Bytes per value the recipe computes in on these slots, as `worker.training.model.compute_dtype` decides
+    (without importing torch): bf16 on a GPU and on a CPU with AVX512-BF16 or AMX, float32 elsewhere."""
+    if kind == "gpu":
+        return 2
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return 4
+    return 2 if "avx512_bf16" in flags or "amx_tile" in flags else 4
+
+
+def node_memory_bytes() -> int:
+    """`MemTotal` of /proc/meminfo; 0 where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def detect() -> str:

@@ -15,7 +15,7 @@ from shared.db import after_commit, retrying, session_scope
 from shared.exports import service as exports
 from shared.files.models import File
 from shared.ids import now
-from shared.jobs import evaluations, execution, state
+from shared.jobs import evaluations, execution, memory, state
 from shared.jobs.datacheck import check_job_data
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job
@@ -86,10 +86,19 @@ def validate(job_id: str) -> None:
         _fail_validation(job_id, "validation_error", reason, None)
         return
     with session_scope() as session:
+        refusal = None
+        if check.ok:  # the peak memory the job would take, on the largest slot a worker offers
+            try:
+                check.report["memory"], refusal = memory.job_plan(session, get_storage(), settings, base, options,
+                                                                  check.report)  # fmt: skip
+            except Exception:  # an estimate that cannot be made refuses nothing: the recipe checks again
+                log.exception("no memory estimate for %s", job_id)
         # Leaving validating_files (either way) clears the lease.
         session.execute(update(Job).where(Job.id == job_id).values(validation_report=check.report))
         if not check.ok:
             execution.fail_job(session, job_id, None, "invalid_training_file", check.message(), check.param)
+        elif refusal is not None:
+            execution.fail_job(session, job_id, None, "insufficient_memory", *refusal)
         elif state.transition(session, job_id, state.QUEUED, expect={state.VALIDATING}):
             after_commit(session, lambda: dispatch_training(job_id))
 

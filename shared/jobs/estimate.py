@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from shared.basemodels.models import BaseModelRecord
 from shared.errors import RateLimited
+from shared.jobs import memory
 from shared.jobs.datacheck import DataCheck, check_job_data, timed_out
 from shared.jobs.hyperparameters import resolve_hyperparameters
 from shared.jobs.models import Job
@@ -98,10 +99,17 @@ async def dry_run(
         )
 
     checked = await run_bounded(check, settings)
+    refusal = None
+    if checked.ok:  # as the job's validation would decide it
+        planned, refusal = await asyncio.to_thread(
+            memory.job_plan, session, storage, settings, admitted.base, request.training_options(), checked.report
+        )
+        checked.report["memory"] = planned if refusal is None else {**planned, "error": refusal[0],
+                                                                    "param": refusal[1]}  # fmt: skip
     tokens = int(checked.report.get("total_tokens", 0)) * hyperparameters["n_epochs"]
     rate, basis = await asyncio.to_thread(throughput_estimate, session, admitted.base)
     return DryRun(
-        valid=checked.ok,
+        valid=checked.ok and refusal is None,
         model=admitted.base.id,
         hyperparameters=hyperparameters,
         training_options=request.training_options(),

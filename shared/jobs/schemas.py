@@ -107,6 +107,11 @@ class JobCreate(BaseModel):
     deepspeed_stage: Literal[2, 3] = Field(
         default=defaults.DEEPSPEED_STAGE, description="ZeRO stage when resources.devices > 1"
     )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="recompute each layer in the backward pass: far less activation memory for about a third more "
+        "compute; auto: on only when the job's estimated peak memory does not fit its device without it",
+    )
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -132,6 +137,7 @@ class JobCreate(BaseModel):
             "train_on_inputs": self.train_on_inputs,
             "adapter_selection": self.adapter_selection,
             "deepspeed_stage": self.deepspeed_stage,
+            "gradient_checkpointing": self.gradient_checkpointing,
         }
 
 

@@ -38,6 +38,15 @@ def largest_slot_count(session: Session, *, seen_since: int) -> int:
     return max((int((w.info or {}).get("slots", {}).get("total", 1)) for w in training), default=0)
 
 
+def largest_slot(session: Session, *, seen_since: int) -> dict | None:
+    """The slot description (`worker.slots.Slots.describe`) of the training worker heard from since `seen_since`
+    whose slots offer the most memory; None if none says how much."""
+    seen = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_heartbeat > seen_since))
+    slots = [(w.info or {}).get("slots") or {} for w in seen if (w.info or {}).get("role") != "inference"]
+    sized = [s for s in slots if int(s.get("memory_bytes") or 0) > 0]
+    return max(sized, key=lambda s: int(s["memory_bytes"]), default=None)
+
+
 def start_device_usage(session: Session, worker: str, devices: list[str], job_id: str, attempt: int) -> list[int]:
     """One row per device ("gpu:0", "cpu:1") the attempt holds; returns their ids for `end_device_usage`."""
     started = _now_ms()

@@ -34,9 +34,10 @@ def test_norms_hold_float32_weights_and_round_once(tiny_model, bf16):
     hidden = torch.randn(2, 5, norm.weight.shape[0], dtype=torch.bfloat16)
     out = norm(hidden)
     x = hidden.float()
-    once = (norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))).bfloat16()
+    normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    once = (norm.weight * normalised).bfloat16()
     assert out.dtype == torch.bfloat16 and torch.equal(out, once)
-    twice = norm.weight.bfloat16() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).bfloat16()
+    twice = norm.weight.bfloat16() * normalised.bfloat16()
     assert not torch.equal(out, twice)  # the way a bf16 norm computes: not what the recipe does
 
 

@@ -1,6 +1,7 @@
 """The recipe run alone (`python -m worker.training`) on a tiny random Llama with real NF4 quantisation."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -283,7 +284,6 @@ def paused_run_matches_uninterrupted(tmp_path, model, lora_dropout: float = 0.05
     `tolerance` step by step. LoRA dropout draws from the generator of the device the recipe runs on, so a
     resume that does not continue that generator's stream trains on other masks and drifts from the straight
     run (`tests/gpu/test_cuda_resume.py` runs this on CUDA)."""
-    import os
     import signal
 
     config = {
@@ -329,7 +329,6 @@ def paused_run_matches_uninterrupted(tmp_path, model, lora_dropout: float = 0.05
 
 
 def test_a_pause_during_model_loading_is_honoured_after_the_first_step(tmp_path, tiny_model):
-    import os
     import signal
     import time
 
@@ -349,3 +348,64 @@ def test_a_pause_during_model_loading_is_honoured_after_the_first_step(tmp_path,
     events = [e for e in map(parse_line, process.stdout) if e]
     assert process.wait() == 3
     assert next(e for e in events if e["event"] == "paused")["step"] == 1
+
+
+def test_the_recipe_checkpoints_when_its_device_needs_it_and_refuses_a_job_that_cannot_fit(tmp_path, tiny_model):
+    """With the slot's memory fixed (TUNEQUEUE_SLOT_MEMORY_MB), "auto" turns gradient checkpointing on when the
+    estimated peak fits only with it, and a job that fits in no way fails before loading the model, naming the
+    option to change (not retried: exit 2)."""
+    import math
+
+    from shared.jobs import memory
+
+    shape = memory.ModelShape.of(json.loads((tiny_model / "config.json").read_text()))
+
+    def need_mib(checkpointing: bool, tokens: int) -> float:
+        estimate = memory.estimate_peak(
+            shape,
+            quantization="nf4",
+            lora_r=16,
+            lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+            forward_tokens=tokens,
+            gradient_checkpointing=checkpointing,
+            dtype_bytes=4,
+            device="cpu",
+        )
+        return estimate.total * memory.MARGIN / 2**20
+
+    rows = [chat(f"Tell {i}", "squawk " * (2100 if i % 2 else 3)) for i in range(12)]
+    config = {
+        "base_model_path": str(tiny_model),
+        "train_file": str(write_jsonl(tmp_path / "long.jsonl", rows)),
+        "max_seq_length": 2048,
+        "n_epochs": 1,
+        "batch_size": 4,
+        "n_checkpoints": 0,
+        "evaluation_prompts": 0,
+    }
+
+    def run(name: str, slot_mib: int) -> tuple[int, list[dict]]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name)],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+            env={**os.environ, "TUNEQUEUE_SLOT_MEMORY_MB": str(slot_mib)},
+        )  # fmt: skip
+        return result.returncode, [e for e in map(parse_line, result.stdout.splitlines()) if e]
+
+    between = math.ceil((need_mib(True, 2048) + need_mib(False, 2048)) / 2)
+    assert need_mib(True, 2048) < between < need_mib(False, 2048)
+    code, events = run("auto", between)
+    assert code == 0, events[-3:]
+    said = [e["message"] for e in events if e["event"] == "message" and e["message"].startswith("Peak memory")]
+    assert said == [f"Peak memory estimate: {round(need_mib(True, 2048) / memory.MARGIN)} MiB of {between} MiB "
+                    "(with gradient checkpointing, chosen to fit)"]  # fmt: skip
+    small = math.ceil(need_mib(True, 512))
+    assert small < need_mib(True, 2048)
+    code, events = run("small", small)
+    assert code == 2
+    error = next(e for e in events if e["event"] == "error")
+    assert error["code"] == "insufficient_memory" and error["param"] == "max_seq_length", error
+    assert "lower max_seq_length to" in error["message"]
+    assert not any(e["event"] == "metrics" for e in events)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return INVALID_INPUT_EXIT_CODE
     use_dataset_cache(config, reporter)
     from worker.training.data import DatasetError
-    from worker.training.recipe import Paused, train
+    from worker.training.recipe import DoesNotFit, Paused, train
 
     try:
         train(config, args.out, reporter)
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return DONE_EXIT_CODE if "LOCAL_RANK" in os.environ else PAUSED_EXIT_CODE
     except DatasetError as exc:
         reporter.event("error", code="invalid_training_file", message=str(exc), param="training_file")
+        return INVALID_INPUT_EXIT_CODE
+    except DoesNotFit as exc:  # the job's options, not the node, are at fault: not retried
+        reporter.event("error", code="insufficient_memory", message=str(exc), param=exc.param)
         return INVALID_INPUT_EXIT_CODE
     except Exception as exc:  # reported to the worker, which fails the job with this code and message
         traceback.print_exc()

@@ -34,8 +34,10 @@ class TrainingConfig(BaseModel):
         default=512, ge=0, description="tokens per forward and backward within a step (0: the whole batch)"
     )
     train_on_inputs: bool = defaults.TRAIN_ON_INPUTS
-    gradient_checkpointing: bool = Field(
-        default=False, description="recompute each decoder layer in the backward: less memory, more compute"
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="recompute each decoder layer in the backward: less memory, more compute; auto: on only when "
+        "the estimated peak memory does not fit the device without it (`shared.jobs.memory`)",
     )
 
     lora_r: int = Field(default=defaults.LORA_R, ge=1)

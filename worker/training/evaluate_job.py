@@ -50,8 +50,11 @@ def evaluate_job(config: TrainingConfig, adapter_dir: Path) -> dict:
     kind, records = comparison.validation_records(config.train_file, config.validation_file, config.seed)
     prompts = comparison.sample_prompts(tokenizer, kind, records, config.evaluation_prompts, config.max_seq_length)
     samples = comparison.side_by_side(model, tokenizer, prompts, config.evaluation_max_new_tokens)
-    notes = {"max_new_tokens": config.evaluation_max_new_tokens, "seconds": round(time.monotonic() - started, 2)}
-    return comparison.build_evaluation(initial, delivered, adapter, len(valid_set), samples, **notes)
+    seconds = round(time.monotonic() - started, 2)
+    return comparison.build_evaluation(
+        initial, delivered, adapter, len(valid_set), samples,
+        max_new_tokens=config.evaluation_max_new_tokens, seconds=seconds,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
         message=f"{len(train_set)} training and {len(valid_set)} validation examples; computing in "
         f"{str(compute_dtype()).removeprefix('torch.')} on {device()}",
     )
+    config = config.model_copy(update={"gradient_checkpointing": memory_plan(config, train_set, reporter)})
     model = lora_model(config)
     collate = chat_data.Collator.for_tokenizer(tokenizer, config.packing, model.device)
     engine = build_engine(config, model, collate, steps_in_run(len(train_set), config.batch_size, config.n_epochs))
@@ -93,9 +94,75 @@ def lora_model(config: TrainingConfig):
     zero3 = distributed.active() and config.deepspeed_stage == 3
     model = load_base_model(config.base_model_path, config.quantization, quant_storage_compute=zero3)
     model = attach_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    if config.gradient_checkpointing:  # each layer's input kept, the rest recomputed in the backward
+    if config.gradient_checkpointing is True:  # each layer's input kept, the rest recomputed in the backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+class DoesNotFit(Exception):
+    """The job's estimated peak memory is more than its device holds; `param` is the option to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def memory_plan(config: TrainingConfig, train_set: list[Encoded], reporter: Reporter) -> bool:
+    """Whether to checkpoint, from the job's estimated peak memory on this process's device (`shared.jobs.memory`,
+    as the job's validation estimated it on the largest slot): "auto" turns it on only when the job would not
+    fit without it. A job that cannot fit at all fails here, naming the option to change, where the device's
+    size is fixed (a GPU, or TUNEQUEUE_SLOT_MEMORY_MB); on a CPU, whose free memory moves with whatever else
+    runs, it is a warning."""
+    import json
+
+    from shared.jobs import memory
+
+    budget, fixed = device_memory()
+    shape = memory.ModelShape.of(json.loads((config.base_model_path / "config.json").read_text()))
+    slot = memory.Slot(budget, device(), compute_dtype().itemsize)
+    longest = max((len(example.input_ids) for example in train_set), default=0)
+    report, refusal = memory.plan(shape, config.model_dump(mode="json"), longest, slot)
+    checkpointing = bool(report["gradient_checkpointing"])
+    if refusal is not None and fixed:
+        raise DoesNotFit(*refusal)
+    level = "warn" if refusal is not None else "info"
+    reporter.event(
+        "message",
+        level=level,
+        message=f"Peak memory estimate: {report['estimated_peak_mib']} MiB of {report['device_mib']} MiB "
+        f"({'with' if checkpointing else 'without'} gradient checkpointing"
+        f"{', chosen to fit' if checkpointing and config.gradient_checkpointing == 'auto' else ''})"
+        + (f". {refusal[0]}" if refusal is not None else ""),
+    )
+    return checkpointing
+
+
+def device_memory() -> tuple[int, bool]:
+    """(bytes this process may use, whether that is fixed): TUNEQUEUE_SLOT_MEMORY_MB where set, a GPU's memory,
+    or on a CPU what the kernel can still give (with what this process holds already), shared by the ranks."""
+    from shared.settings import get_settings
+
+    configured = get_settings().slot_memory_mb
+    if configured:
+        return configured * 2**20, True
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, True
+    import os
+
+    from worker.training.comparison import available_memory
+
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return (available_memory() + resident_bytes()) // max(ranks, 1), False
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS); 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next((line for line in status if line.startswith("VmRSS:")), "VmRSS: 0 kB")
+    except OSError:
+        return 0
+    return int(line.split()[1]) * 1024
 
 
 def build_engine(config: TrainingConfig, model, collate: Collate, total_steps: int) -> TrainingEngine:
