@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference bench-export bench-numerics gpu-check lint clean env
+.PHONY: install demo run test test-fast bench bench-warm bench-api bench-ui bench-inference bench-export bench-numerics bench-memory gpu-check lint clean env
 
 # torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build on a CPU machine
 # (on a GPU node, install the CUDA build of torch into .venv before `make install`).
@@ -69,6 +69,11 @@ bench-export: $(STAMP)
 # PEFT's k-bit preparation, against the same model computing in float32 (docs/BENCHMARKS.md).
 bench-numerics: $(STAMP)
 	$(PY) -m benchmarks.numerics
+
+# Peak memory: the recipe's measured peak RSS at several lengths, with and without gradient checkpointing,
+# against the pre-flight estimate the API and the recipe decide with (docs/BENCHMARKS.md).
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.memory
 
 # QLoRA jobs on CUDA devices through the real service (tests/gpu): one GPU, the CPU run of the same job for
 # comparison, ZeRO-2/3 over NCCL on two GPUs; figures printed for docs/BENCHMARKS.md. Skipped, with the

@@ -101,9 +101,12 @@ async def dry_run(
     checked = await run_bounded(check, settings)
     refusal = None
     if checked.ok:  # as the job's validation would decide it
-        planned, refusal = await asyncio.to_thread(
-            memory.job_plan, session, storage, settings, admitted.base, request.training_options(), checked.report
-        )
+        try:
+            planned, refusal = await asyncio.to_thread(
+                memory.job_plan, session, storage, settings, admitted.base, request.training_options(), checked.report
+            )
+        except Exception as exc:  # as in validation: an estimate that cannot be made refuses nothing
+            planned, refusal = {"unavailable": f"no estimate could be made ({type(exc).__name__})"}, None
         checked.report["memory"] = planned if refusal is None else {**planned, "error": refusal[0],
                                                                     "param": refusal[1]}  # fmt: skip
     tokens = int(checked.report.get("total_tokens", 0)) * hyperparameters["n_epochs"]
