@@ -127,14 +127,9 @@ def compute_bytes(kind: str) -> int:
 
 def node_memory_bytes() -> int:
     """`MemTotal` of /proc/meminfo; 0 where it does not say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from shared.proc import kib_field
+
+    return kib_field("/proc/meminfo", "MemTotal")
 
 
 def detect() -> str:

@@ -11,6 +11,7 @@ layer at a time in the backward. The figures are fitted to peaks measured on Smo
 and 2,048 tokens, with and without checkpointing (docs/BENCHMARKS.md, "Peak memory estimate"), which the
 estimate meets within 5%; a job must fit with a 15% margin."""
 
+import json
 from dataclasses import dataclass
 
 MIB = 2**20
@@ -221,8 +222,6 @@ def job_plan(session, storage, settings, base, options: dict, report: dict) -> t
         device="cuda" if described.get("kind") == "gpu" else "cpu",
         dtype_bytes=int(described.get("compute_bytes") or 4),
     )
-    import json
-
     folder = ensure_local_copy(base, storage, settings.resolved_model_dir, only=("config.json",))
     shape = ModelShape.of(json.loads((folder / "config.json").read_text()))
     longest = (report.get("length") or {}).get("max") or None

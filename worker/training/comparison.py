@@ -22,6 +22,7 @@ import torch
 from shared.datasets.report import split_validation
 from shared.datasets.tokenization import ChatTokenizer
 from shared.datasets.validation import CHAT, PROMPT_COMPLETION
+from shared.proc import kib_field
 from worker.training.data import read_records
 
 EVALUATION_FILE = "evaluation.json"
@@ -159,14 +160,7 @@ def _linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor | None)
 
 def available_memory() -> int:
     """Bytes the kernel can still give without swapping (`MemAvailable`); 0 where it does not say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return kib_field("/proc/meminfo", "MemAvailable")
 
 
 @contextmanager

@@ -157,12 +157,9 @@ def device_memory() -> tuple[int, bool]:
 
 def resident_bytes() -> int:
     """This process's resident memory now (VmRSS); 0 where /proc does not say."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next((line for line in status if line.startswith("VmRSS:")), "VmRSS: 0 kB")
-    except OSError:
-        return 0
-    return int(line.split()[1]) * 1024
+    from shared.proc import kib_field
+
+    return kib_field("/proc/self/status", "VmRSS")
 
 
 def build_engine(config: TrainingConfig, model, collate: Collate, total_steps: int) -> TrainingEngine:
