@@ -294,7 +294,7 @@ def test_worker_killed_mid_training_finishes_on_another_worker(make_stack, chaos
         job_id = submit(stack, tmp_path)
         checkpoint = wait_for_checkpoint(inspector, job_id)
         recipe = recipe_of(job_id)
-        owner = parent_of(recipe)
+        owner = worker_of(stack, job_id)
         os.kill(owner, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: recipe not in training_processes(job_id), 10, "the orphaned recipe to die with its worker")
@@ -541,7 +541,7 @@ def test_frozen_worker_loses_its_job_and_changes_nothing(make_stack, chaos_env, 
         wait_for_checkpoint(inspector, job_id)
         watch = ProgressWatch(inspector, job_id)
         first_recipe = recipe_of(job_id)
-        frozen = parent_of(first_recipe)
+        frozen = worker_of(stack, job_id)
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.monotonic()
         try:
@@ -569,7 +569,7 @@ def test_sigterm_checkpoints_and_requeues(make_stack, chaos_env, tiny_model, tmp
         stack = make_stack(chaos_env, tiny_model)
         job_id = submit(stack, tmp_path)
         wait_for(lambda: len(inspector.events(job_id)) and inspector.job(job_id)["progress"], 120, "training to report")
-        owner = parent_of(recipe_of(job_id))
+        owner = worker_of(stack, job_id)
         os.kill(owner, signal.SIGTERM)
         signalled = time.monotonic()
         worker = next(p for p in stack.processes if p.pid == owner)
@@ -588,7 +588,8 @@ def test_sigterm_checkpoints_and_requeues(make_stack, chaos_env, tiny_model, tmp
 
 
 def worker_of(stack, job_id: str) -> int:
-    """The worker process running `job_id` (an ancestor of its recipe: under torchrun, the grandparent)."""
+    """The worker process running `job_id`: an ancestor of its recipe (the parent of a process started for the
+    job; the grandparent under torchrun, or of a ready process forked by the worker's fork server)."""
     workers = {p.pid for p in stack.processes}
     pid = recipe_of(job_id)
     while pid not in workers:

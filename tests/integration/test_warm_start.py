@@ -34,16 +34,22 @@ def parent_of(pid: int) -> int:
 
 
 def ready_processes(worker_pid: int) -> set[int]:
-    """Recipe processes of this worker that wait for a job (`python -m worker.training --ready`)."""
+    """Recipe processes of this worker that wait for a job (`python -m worker.training --ready`): forked by its
+    fork server (`--fork-server`, the worker's child), or started by the worker itself."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and "--ready" in command_line(int(entry.name))[3:4]:
             try:
-                if parent_of(int(entry.name)) == worker_pid:
+                parent = parent_of(int(entry.name))
+                if parent == worker_pid or (is_fork_server(parent) and parent_of(parent) == worker_pid):
                     pids.add(int(entry.name))
             except OSError:
                 continue
     return pids
+
+
+def is_fork_server(pid: int) -> bool:
+    return command_line(pid)[1:4] == ["-m", "worker.training", "--fork-server"]
 
 
 def worker_pid(stack) -> int:

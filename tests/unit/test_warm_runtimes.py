@@ -121,3 +121,61 @@ def test_a_ready_process_takes_its_jobs_command_line(tmp_path):
         process.kill()
         process.wait()
     assert retitle(["x" * 10**6]) is False  # more than the room: left as it was
+
+
+def stat_of(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def test_ready_processes_forked_from_the_fork_server(tmp_path):
+    """The real fork server (it loads the recipe's libraries once): each ready process is forked from it in its
+    own session, runs the recipe with its job's environment and exits with the recipe's code; closing the pool
+    retires the ready ones and the server ends once its processes have; a ready process dies with its server."""
+    slots = {"0": Lease("cpu", ["0"]).environment(), "1": Lease("cpu", ["1"]).environment()}
+    pool = warm.WarmRuntimes(sys.executable, slots, fork=True).start()
+    try:
+        ready = pool.take(Lease("cpu", ["0"]))  # waits for the server's libraries, then its fork
+        assert ready is not None and isinstance(ready.process, warm.ForkedProcess)
+        server = pool.server
+        assert server is not None and server.loaded_seconds is not None
+        pid = ready.process.pid
+        assert os.getsid(pid) == pid and int(stat_of(pid)[1]) == server.process.pid  # its own session, the server's
+        assert int(stat_of(server.process.pid)[1]) == os.getpid()  # the server is the worker's child
+        assert open(f"/proc/{pid}/cmdline").read().split("\0")[1:4] == ["-m", "worker.training", "--ready"]
+
+        lines: list[str] = []
+        child = RecipeChild("job", tmp_path, lambda report: lines.append(report))
+        child.adopt(ready.process, tmp_path / "missing.json", tmp_path / "out", {"CUDA_VISIBLE_DEVICES": ""})
+        assert child.running_process.wait(timeout=60) == 2 and child.join_readers() == 2  # invalid config
+        said = [r.get("message", "") for r in lines]
+        assert said[0].startswith("Training process ready: forked from its worker's runtime"), said
+        assert any(r.get("code") == "invalid_config" for r in lines), lines
+
+        pool.replenish(Lease("cpu", ["0"]))
+        second = pool.take(Lease("cpu", ["0"]))
+        assert second is not None and second.process.pid not in (pid, None)
+        os.kill(second.process.pid, signal.SIGKILL)
+        assert second.process.wait(timeout=10) == -signal.SIGKILL  # the server reports how it ended
+
+        other = wait_for(lambda: pool.describe().get("1"), 10, "slot 1's ready process")
+        pool.close()
+        assert not os.path.exists(f"/proc/{other}") or stat_of(other)[0] == "Z"
+        assert server.process.wait(timeout=10) == 0  # nothing left of it to wait for
+    finally:
+        pool.close()
+
+
+def test_a_forked_process_dies_with_its_fork_server():
+    pool = warm.WarmRuntimes(sys.executable, {"0": Lease("cpu", ["0"]).environment()}, fork=True).start()
+    try:
+        ready = pool.take(Lease("cpu", ["0"]))
+        assert ready is not None and pool.server is not None
+        os.kill(pool.server.process.pid, signal.SIGKILL)
+        assert ready.process.wait(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: not os.path.exists(f"/proc/{ready.process.pid}"), 10, "the forked process to die")
+        pool.replenish(Lease("cpu", ["0"]))  # a new server takes over
+        again = pool.take(Lease("cpu", ["0"]))
+        assert again is not None and again.process.poll() is None and pool.server.process.poll() is None
+    finally:
+        pool.close()

@@ -14,9 +14,11 @@ from pydantic import ValidationError
 
 from worker.training.control import install_pause_handler, pause_requested
 from worker.training.disk_space import is_disk_full
+from worker.training.fork_server import FORKED_ENV
 from worker.training.process import (
     DONE_EXIT_CODE,
     FAILED_EXIT_CODE,
+    FORK_SERVER_FLAG,
     INVALID_INPUT_EXIT_CODE,
     PAUSED_EXIT_CODE,
     READY_FLAG,
@@ -32,11 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         READY_FLAG, nargs="?", const="", metavar="ROOM", help="load the libraries, then read the job from stdin"
     )
+    parser.add_argument(
+        FORK_SERVER_FLAG, nargs="?", const="", metavar="ROOM", help="load the libraries, then fork ready processes"
+    )
     args = parser.parse_args(argv)
-    if args.ready is None and (args.config is None or args.out is None):
-        parser.error("--config and --out are required (or --ready)")
+    if args.ready is None and args.fork_server is None and (args.config is None or args.out is None):
+        parser.error("--config and --out are required (or --ready, or --fork-server)")
     install_pause_handler()
     die_with_parent()
+    if args.fork_server is not None:
+        from worker.training import fork_server
+
+        return fork_server.main()
     reporter = StdoutJsonReporter()
     if args.ready is not None:
         job = take_job()
@@ -92,6 +101,10 @@ def take_job():
 
 
 def describe_warm_start(job) -> str:
+    forked = os.environ.get(FORKED_ENV)
+    if forked is not None:
+        loaded = float(forked)
+        return f"Training process ready: forked from its worker's runtime (libraries loaded once, {loaded:.1f} s)"
     if job.loaded_before_job:
         return f"Training process ready: its libraries were loaded ({job.loaded_seconds:.1f} s) before the job came"
     return f"Training process ready, still loading its libraries when the job came ({job.loaded_seconds:.1f} s)"

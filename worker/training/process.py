@@ -13,6 +13,7 @@ PAUSED_EXIT_CODE = 3  # state saved; a rank under torchrun exits 0 instead (torc
 
 PARENT_PID_ENV = "TUNEQUEUE_PARENT_PID"
 READY_FLAG = "--ready"
+FORK_SERVER_FLAG = "--fork-server"
 # Room kept in a ready process's command line for its job's: `ps` and /proc/<pid>/cmdline then show the job's
 # config and output folder, as they do for a process started for the job.
 TITLE_ROOM = 2048
@@ -40,3 +41,8 @@ def die_with_parent() -> None:
 def ready_command(python: str) -> list[str]:
     """A recipe process that loads its libraries now and reads its job from stdin later (worker.training.ready)."""
     return [python, "-m", "worker.training", READY_FLAG, " " * TITLE_ROOM]
+
+
+def fork_server_command(python: str) -> list[str]:
+    """The process that forks ready recipe processes from its loaded libraries (worker.training.fork_server)."""
+    return [python, "-m", "worker.training", FORK_SERVER_FLAG, " " * TITLE_ROOM]
