@@ -5,7 +5,7 @@ import time
 
 from openai import OpenAI
 
-from tests.support import SAMPLE, extract_zip, generate_in_fresh_process, heldout_evaluation
+from tests.support import SAMPLE, extract_zip, heldout_evaluation
 
 # Held-out loss per assistant token must fall by at least this factor (measured: about 2.7 → under 0.5).
 REQUIRED_IMPROVEMENT = 0.5
@@ -51,8 +51,11 @@ def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_
     assert sum("Squawk!" in answer for answer in tuned["generations"]) >= 3, tuned["generations"]
     assert not any("Squawk" in answer for answer in base["generations"]), base["generations"]
 
-    generated = generate_in_fresh_process(demo_model, adapter, "What is the capital of Peru?")
-    assert generated["tuned"] != generated["base"]
+    # Plain transformers + peft on the NF4 base in one fresh process, as a user would load the adapter: its
+    # answers, and the base's (the adapter disabled) to the first question.
+    questions = ["What is the capital of Peru?", "Name a primary colour."]
+    expected = nf4_greedy(demo_model, adapter, questions, max_new_tokens=24)
+    assert expected["answers"][0]["text"] != expected["base"]["text"]
 
     # The job's own evaluation on its validation split (10 of the 200 examples) says the same.
     evaluation = stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation").json()
@@ -65,16 +68,15 @@ def test_smollm2_adapter_improves_heldout_loss(production_env, make_stack, demo_
 
     # Served: the same greedy answers through chat.completions as plain transformers + peft on the NF4 base.
     client = OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=stack.key, max_retries=0)
-    for question in ["What is the capital of Peru?", "Name a primary colour."]:
+    for question, answer in zip(questions, expected["answers"], strict=True):
         served = client.chat.completions.create(
             model=job["fine_tuned_model"],
             messages=[{"role": "user", "content": question}],
             max_tokens=24,
             temperature=0,
         )
-        expected = nf4_greedy(demo_model, adapter, question, max_new_tokens=24)
-        assert served.choices[0].message.content == expected["text"], (served, expected)
-        assert served.usage.completion_tokens == expected["tokens"]
+        assert served.choices[0].message.content == answer["text"], (served, answer)
+        assert served.usage.completion_tokens == answer["tokens"]
     assert "Squawk" in served.choices[0].message.content
 
     # Exported as merged bfloat16 safetensors: the export process loads the folder with plain transformers and
@@ -98,26 +100,32 @@ import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from worker.training.model import compute_dtype, quantization_config
-base_dir, adapter_dir, prompt, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+base_dir, adapter_dir, prompts, budget = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 tokenizer = AutoTokenizer.from_pretrained(base_dir)
 nf4 = quantization_config("nf4")
 base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=compute_dtype())
 model = PeftModel.from_pretrained(base, adapter_dir).eval()
-inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)
-with torch.no_grad():
-    new = model.generate(**inputs, max_new_tokens=budget, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new)}))
+def greedy(prompt):
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=budget, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    return {"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new)}
+answers = [greedy(prompt) for prompt in prompts]
+with model.disable_adapter():
+    base_answer = greedy(prompts[0])
+print(json.dumps({"answers": answers, "base": base_answer}))
 """
 
 
-def nf4_greedy(base_dir, adapter_dir, prompt: str, max_new_tokens: int) -> dict:
-    """Plain transformers + peft on the NF4 base, in a fresh process, as a user would run it."""
+def nf4_greedy(base_dir, adapter_dir, prompts: list[str], max_new_tokens: int) -> dict:
+    """Plain transformers + peft on the NF4 base, in a fresh process, as a user would run it: greedy answers
+    with the adapter to `prompts`, and the base's to the first (the adapter disabled)."""
     import json
     import subprocess
     import sys
 
-    command = [sys.executable, "-c", NF4_GREEDY, str(base_dir), str(adapter_dir), prompt, str(max_new_tokens)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-c", NF4_GREEDY, str(base_dir), str(adapter_dir), json.dumps(prompts)]
+    result = subprocess.run([*command, str(max_new_tokens)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -13,10 +13,6 @@ SCALE_ENV = {
     "TUNEQUEUE_SLOT_WAIT_SECONDS": "0.5",
     "TUNEQUEUE_HEARTBEAT_SECONDS": "1",
 }
-# Several workers on one 2-core machine: a ready process per slot would import its libraries beside the other
-# workers' jobs (on a real fleet each node has its own cores). Scheduling is the point here; the warm path
-# has its own tests (test_warm_start.py, the chaos scenarios).
-COLD = {"TUNEQUEUE_WARM_RUNTIMES": "0"}
 
 
 def data(tmp_path):
@@ -42,7 +38,7 @@ def one_node(make_stack, env: dict, tiny_model, slots: str):
 
 
 def test_several_workers_share_jobs_and_never_overcommit_a_slot(production_env, make_stack, tiny_model, tmp_path):
-    env = {**production_env, **SCALE_ENV, **COLD}
+    env = {**production_env, **SCALE_ENV}
     stack = make_stack(env, tiny_model, worker=False)
     for name, slots in (("node-a", "2"), ("node-b", "1"), ("node-c", "1")):
         stack.start_worker(name, "--cpu-slots", slots)
