@@ -1,6 +1,8 @@
 """`make bench-warm`: where a job's seconds go between its submission and its first training step, with a
 cold worker (no ready process, empty model and dataset caches) and a warm one (a ready process, the base
-model and the tokenised data cached), and the job's wall time against the bare recipe on the same data.
+model and the tokenised data cached), and the job's wall time against the bare recipe on the same data. The
+warm worker runs two jobs one after the other, with its ready processes forked from its fork server and then
+spawned as interpreters of their own (TUNEQUEUE_WARM_RUNTIME_FORK=false).
 
 The stack is real: Postgres and Redis on loopback, S3 on a moto server started here, the API and one
 `tunequeue worker` as processes (tests/support.py's Stack). The base is SmolLM2-135M-Instruct. Phases come
@@ -109,12 +111,19 @@ def ready_process_loaded(worker_pid: int) -> bool:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if args[3:4] == [b"--ready"] and int(stat[1]) == worker_pid:
+        if args[3:4] == [b"--ready"] and worker_pid in (int(stat[1]), parent_of(int(stat[1]))):  # or its fork server's
             before = int(stat[11]) + int(stat[12])
             time.sleep(1)
             after = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             return int(after[11]) + int(after[12]) == before
     return False
+
+
+def parent_of(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
 
 
 def submit_and_follow(stack: Stack, file_id: str, hyperparameters: dict) -> dict:
@@ -180,9 +189,11 @@ def bare_recipe(model: Path, data: Path, hyperparameters: dict, out: Path) -> fl
     return time.monotonic() - started
 
 
-def run_on_worker(services: Services, data_dir: Path, logs: Path, data: Path, hyperparameters: dict, *,
-                  warm: bool, import_model: bool) -> tuple[dict, dict]:  # fmt: skip
+def run_on_worker(services: Services, data_dir: Path, logs: Path, data: Path, hyperparameters: dict, *, warm: bool,
+                  import_model: bool, fork: bool = True, jobs: int = 1) -> list[tuple[dict, dict]]:  # fmt: skip
+    """`jobs` jobs one after the other (each submitted once the one before has succeeded): their phases."""
     env = services.env(data_dir) | {"TUNEQUEUE_WARM_RUNTIMES": "1" if warm else "0"}
+    env["TUNEQUEUE_WARM_RUNTIME_FORK"] = "true" if fork else "false"
     stack = Stack(env, logs)
     stack.cli("db", "upgrade")
     if import_model:
@@ -194,19 +205,22 @@ def run_on_worker(services: Services, data_dir: Path, logs: Path, data: Path, hy
             worker = next(p for p in stack.processes if "worker" in p.args)
             wait_until(lambda: ready_process_loaded(worker.pid), 180, "the ready process to load")
         file_id = stack.upload(data)["id"]
-        run = submit_and_follow(stack, file_id, hyperparameters)
-        startup = startup_line(stack, run["id"])
-        return phases(run, startup, first_step_seconds(stack, run["id"])), startup
+        results = []
+        for _ in range(jobs):
+            run = submit_and_follow(stack, file_id, hyperparameters)
+            startup = startup_line(stack, run["id"])
+            results.append((phases(run, startup, first_step_seconds(stack, run["id"])), startup))
+        return results
     finally:
         stack.stop()
 
 
-def print_table(cold: dict, warm: dict) -> None:
-    print("| seconds after submission | cold worker | warm worker |\n|---|---|---|")
-    points = list(dict.fromkeys([*cold, *warm]))
+def print_table(columns: dict[str, dict]) -> None:
+    print("| seconds after submission | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    points = list(dict.fromkeys(point for runs in columns.values() for point in runs))
     for point in points:
-        cells = [f"{runs[point]:.2f}" if point in runs else "–" for runs in (cold, warm)]
-        print(f"| {point} | {cells[0]} | {cells[1]} |")
+        cells = [f"{runs[point]:.2f}" if point in runs else "–" for runs in columns.values()]
+        print(f"| {point} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
@@ -221,17 +235,29 @@ def main() -> int:
         data = root / "train.jsonl"
         data.write_text("\n".join(sample_lines(args.examples)) + "\n")
         node = root / "node"  # one worker node: its model and dataset caches outlive the cold worker
-        cold, cold_startup = run_on_worker(services, node, root / "cold", data, hyperparameters, warm=False,
-                                           import_model=True)  # fmt: skip
-        warm, warm_startup = run_on_worker(services, node, root / "warm", data, hyperparameters, warm=True,
-                                           import_model=False)  # fmt: skip
+        [cold] = run_on_worker(services, node, root / "cold", data, hyperparameters, warm=False, import_model=True)
+        # Two jobs one after the other on a warm worker: the second finds the replacement of the first's ready
+        # process, forked from the fork server or (spawn) an interpreter loading the libraries once the first ended.
+        forked = run_on_worker(services, node, root / "fork", data, hyperparameters, warm=True, import_model=False,
+                               jobs=2)  # fmt: skip
+        spawned = run_on_worker(services, node, root / "spawn", data, hyperparameters, warm=True,
+                                import_model=False, fork=False, jobs=2)  # fmt: skip
         bare = bare_recipe(base_model(), data, hyperparameters, root / "bare")
-    print_table(cold, warm)
-    print(f"\ncold startup: {json.dumps(cold_startup['marks'])}\nwarm startup: {json.dumps(warm_startup['marks'])}")
+    runs = {
+        "cold worker": cold,
+        "warm (fork server)": forked[0],
+        "next job (fork server)": forked[1],
+        "warm (spawned ready process)": spawned[0],
+        "next job (spawned)": spawned[1],
+    }
+    print_table({name: run[0] for name, run in runs.items()})
+    print()
+    for name, (_, startup) in runs.items():
+        print(f"{name} startup: {json.dumps(startup['marks'])}")
     print(f"\nbare recipe (`python -m worker.training`, imports included): {bare:.1f} s")
-    for name, run in (("cold", cold), ("warm", warm)):
+    for name, (run, _) in runs.items():
         wall = run["succeeded"]
-        print(f"{name} job, submit -> succeeded: {wall:.1f} s = {wall / bare:.2f}x the bare recipe")
+        print(f"{name}, submit -> succeeded: {wall:.1f} s = {wall / bare:.2f}x the bare recipe")
     return 0
 
 

@@ -192,10 +192,10 @@ class WorkerSettings(_Area):
         ge=0,
         description="Recipe processes kept ready (libraries loaded) per worker; unset: one per device slot; 0: off",
     )
-    warm_runtime_fork: bool = Field(
-        default=True,
-        description="Fork ready recipe processes from one process per worker that loaded the libraries once "
-        "(false: each ready process starts its own interpreter and loads them)",
+    warm_runtime_fork: bool | None = Field(
+        default=None,
+        description="Fork ready recipe processes from one process per worker that loaded the libraries once; "
+        "false: each ready process starts its own interpreter and loads them; unset: fork on CPU workers only",
     )
     slot_memory_mb: int = Field(
         default=0,

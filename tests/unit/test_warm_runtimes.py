@@ -179,3 +179,15 @@ def test_a_forked_process_dies_with_its_fork_server():
         assert again is not None and again.process.poll() is None and pool.server.process.poll() is None
     finally:
         pool.close()
+
+
+def test_ready_processes_are_forked_on_cpu_workers_and_spawned_on_gpu_workers(monkeypatch):
+    from shared.settings import Settings
+
+    chosen: list[bool] = []
+    monkeypatch.setattr(warm.WarmRuntimes, "start", lambda self: chosen.append(self.fork) or self)
+    for kind, ids in (("cpu", ["0", "1"]), ("gpu", ["0"])):
+        warm.start_warm_runtimes(Settings(), Slots(kind, ids))
+        warm.start_warm_runtimes(Settings(warm_runtime_fork=kind == "gpu"), Slots(kind, ids))
+    assert chosen == [True, False, False, True]
+    warm.RUNTIMES = None

@@ -11,6 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any, Protocol
 
 from shared.settings import get_settings
 from shared.storage import Storage, StorageError, with_retries
@@ -51,6 +52,30 @@ def recipe_environment(device_env: dict[str, str], pause_file: Path | None) -> d
 
 def job_environment(device_env: dict[str, str], pause_file: Path) -> dict[str, str]:
     return {PAUSE_FILE_ENV: str(pause_file), **device_env}  # its own devices only
+
+
+class RecipeProcess(Protocol):
+    """What the runner uses of the recipe's process: a `subprocess.Popen`, or a ready process forked by the
+    worker's fork server (`worker.runner.warm.ForkedProcess`)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> Any: ...  # int once it has ended (Popen's own annotation)
+
+    @property
+    def stdin(self) -> IO[str] | None: ...
+
+    @property
+    def stdout(self) -> IO[str] | None: ...
+
+    @property
+    def stderr(self) -> IO[str] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 def start_recipe_process(command: list[str], env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
@@ -115,14 +140,14 @@ class RecipeChild:
         self.pause_file = folder / "pause-requested"
         self.log = AttemptLog(folder / "attempt.log")
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.process: subprocess.Popen[str] | None = None
+        self.process: RecipeProcess | None = None
         self.readers: list[threading.Thread] = []
 
     def start(self, command: list[str], device_env: dict[str, str]) -> None:
         self.process = start_recipe_process(command, recipe_environment(device_env, self.pause_file))
         self._follow()
 
-    def adopt(self, process: subprocess.Popen[str], config: Path, out: Path, device_env: dict[str, str]) -> None:
+    def adopt(self, process: RecipeProcess, config: Path, out: Path, device_env: dict[str, str]) -> None:
         """Give the job to a process started before it (a warm runtime): it already runs in its own session
         and dies with this worker; what it printed while loading is read now, into this attempt's log."""
         self.process = process
@@ -144,7 +169,7 @@ class RecipeChild:
             reader.start()
 
     @property
-    def running_process(self) -> subprocess.Popen[str]:
+    def running_process(self) -> RecipeProcess:
         assert self.process is not None, "the recipe was not started"
         return self.process
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.settings import Settings
-from worker.runner.child import recipe_environment, start_recipe_process
+from worker.runner.child import RecipeProcess, recipe_environment, start_recipe_process
 from worker.slots import Lease, Slots
-from worker.training.fork_server import SOCKET_FD_ENV
-from worker.training.process import die_when_parent_dies, fork_server_command, ready_command
+from worker.training.process import FORK_SERVER_SOCKET_ENV, die_when_parent_dies, fork_server_command, ready_command
 
 log = logging.getLogger("tunequeue.worker")
 # The code a ready process imported: if any of it changed since (a deployment), the process is retired.
@@ -80,7 +79,7 @@ class ForkServer:
         try:
             self.process = subprocess.Popen(
                 fork_server_command(python),
-                env={**env, SOCKET_FD_ENV: str(theirs.fileno())},
+                env={**env, FORK_SERVER_SOCKET_ENV: str(theirs.fileno())},
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -177,7 +176,7 @@ class ForkServer:
 
 @dataclass
 class ReadyProcess:
-    process: subprocess.Popen[str] | ForkedProcess
+    process: RecipeProcess
     slot: str
     code: tuple
     started: float
@@ -310,7 +309,9 @@ class WarmRuntimes:
         if server is None or server.gone or server.code != code_fingerprint(self.python):
             if server is not None:
                 server.close()
-            server = self.server = ForkServer(self.python, recipe_environment({}, None))
+            # CUDA availability asked through NVML while loading, not the driver, which would not survive a fork.
+            env = {**recipe_environment({}, None), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+            server = self.server = ForkServer(self.python, env)
         return server
 
 
@@ -325,7 +326,10 @@ def start_warm_runtimes(settings: Settings, slots: Slots) -> WarmRuntimes | None
     if count == 0 or settings.training_python not in (None, sys.executable):
         return None
     environments = {slot: Lease(slots.kind, [slot]).environment() for slot in slots.ids[:count]}
-    RUNTIMES = WarmRuntimes(sys.executable, environments, fork=settings.warm_runtime_fork).start()
+    # A GPU slot's replacement loads on the CPU while its job trains on the GPU, so forking saves little there,
+    # and a library that touched the CUDA driver while loading would leave a forked process without CUDA.
+    fork = settings.warm_runtime_fork if settings.warm_runtime_fork is not None else slots.kind == "cpu"
+    RUNTIMES = WarmRuntimes(sys.executable, environments, fork=fork).start()
     return RUNTIMES
 
 

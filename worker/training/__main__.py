@@ -14,11 +14,11 @@ from pydantic import ValidationError
 
 from worker.training.control import install_pause_handler, pause_requested
 from worker.training.disk_space import is_disk_full
-from worker.training.fork_server import FORKED_ENV
 from worker.training.process import (
     DONE_EXIT_CODE,
     FAILED_EXIT_CODE,
     FORK_SERVER_FLAG,
+    FORKED_ENV,
     INVALID_INPUT_EXIT_CODE,
     PAUSED_EXIT_CODE,
     READY_FLAG,

@@ -19,15 +19,19 @@ import sys
 import time
 import traceback
 
-from worker.training.process import PARENT_PID_ENV, READY_FLAG, die_when_parent_dies
+from worker.training.process import (
+    FORK_SERVER_SOCKET_ENV,
+    FORKED_ENV,
+    PARENT_PID_ENV,
+    READY_FLAG,
+    die_when_parent_dies,
+)
 
-SOCKET_FD_ENV = "TUNEQUEUE_FORK_SERVER_FD"
-FORKED_ENV = "TUNEQUEUE_FORKED_RUNTIME"  # set in a forked ready process: the seconds its libraries took, once
 POLL_SECONDS = 0.05  # how often the server looks for ended processes while it waits for a request
 
 
 def main() -> int:
-    sock = socket.socket(fileno=int(os.environ.pop(SOCKET_FD_ENV)))
+    sock = socket.socket(fileno=int(os.environ.pop(FORK_SERVER_SOCKET_ENV)))
     started = time.monotonic()
     from worker.training.ready import import_recipe
 

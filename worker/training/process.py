@@ -14,6 +14,8 @@ PAUSED_EXIT_CODE = 3  # state saved; a rank under torchrun exits 0 instead (torc
 PARENT_PID_ENV = "TUNEQUEUE_PARENT_PID"
 READY_FLAG = "--ready"
 FORK_SERVER_FLAG = "--fork-server"
+FORK_SERVER_SOCKET_ENV = "TUNEQUEUE_FORK_SERVER_FD"  # the fork server's end of its control socket
+FORKED_ENV = "TUNEQUEUE_FORKED_RUNTIME"  # in a forked ready process: the seconds its libraries took, once
 # Room kept in a ready process's command line for its job's: `ps` and /proc/<pid>/cmdline then show the job's
 # config and output folder, as they do for a process started for the job.
 TITLE_ROOM = 2048
