@@ -4,12 +4,13 @@ in OpenAI's shape, whole or as server-sent events.
 A worker that cannot be reached before anything was generated is skipped for the next one; a worker lost
 mid-answer ends a stream with an error event (OpenAI's SDK raises it as an APIError) and a whole answer with
 503, and the client's retry goes to another worker. The tenant's place (its concurrency limit) is held from
-admission until the answer ends, and given back when the client disconnects."""
+admission until the answer's last frame (given back just before it, so that a client that reads the end and asks
+again at once is admitted), and given back when the client disconnects."""
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi.concurrency import run_in_threadpool
@@ -67,7 +68,9 @@ async def respond(body: schemas.ChatCompletionCreate | schemas.CompletionCreate,
         raise
     reply = _Reply(target, chat, worker_body["n"], deadline=time.monotonic() + settings.inference_timeout_seconds)
     if body.stream:
-        events = reply.stream(lines, body.include_usage)
+        # The place is given back before the stream's last frame, so that a client that reads the end (an error
+        # included) and asks again at once is admitted; and in any case when the stream ends (a disconnect).
+        events = reply.stream(lines, body.include_usage, ending=lambda: run_in_threadpool(_release, admitted))
         return StreamingResponse(_released(events, admitted), media_type="text/event-stream")
     try:
         return JSONResponse(await reply.whole(lines))
@@ -208,7 +211,10 @@ class _Reply:
         shape: Callable[..., dict] = schemas.chat_completion if self.chat else schemas.text_completion
         return shape(self.id, self.created, self.target.model, self.texts, self.reasons, self.usage)
 
-    async def stream(self, lines: _Lines, include_usage: bool) -> AsyncIterator[bytes]:
+    async def stream(
+        self, lines: _Lines, include_usage: bool, ending: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The answer as server-sent events; `ending` is awaited before the last frame ([DONE] or an error)."""
         if self.chat:
             for index in range(self.n):
                 yield self._frame(self._chunk(index, {"role": "assistant", "content": ""}, None))
@@ -219,11 +225,15 @@ class _Reply:
             elif event["type"] == "end":
                 yield self._frame(self._chunk(event["index"], {} if self.chat else "", event["finish_reason"]))
             elif event["type"] in ("error", "timeout"):
+                if ending is not None:
+                    await ending()
                 yield self._frame(self._error(event))
                 return
         if include_usage:
             kind = "chat.completion.chunk" if self.chat else "text_completion"
             yield self._frame(schemas.usage_chunk(self.id, self.created, self.target.model, kind, self.usage))
+        if ending is not None:
+            await ending()
         yield b"data: [DONE]\n\n"
 
     def _chunk(self, index: int, delta, finish_reason: str | None) -> dict:
