@@ -30,6 +30,22 @@ def serving_workers(stack, count: int, timeout: float = 120) -> list[dict]:
     raise AssertionError(f"fewer than {count} inference workers reported in {timeout}s\n{stack.logs()}")
 
 
+def generate_requests(stack) -> dict[str, int]:
+    """Requests each inference worker (`inference-a`, `inference-b`) has logged answering."""
+    return {
+        name: (stack.logdir / f"inference-{name}.log").read_text(errors="replace").count("POST /generate")
+        for name in "ab"
+    }
+
+
+def wait_for_change(read, before: dict, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while (now := read()) == before:
+        assert time.monotonic() < deadline, "no inference worker logged the request"
+        time.sleep(0.05)
+    return now
+
+
 def admitted_again(client: OpenAI, timeout: float = 10) -> None:
     """A request is admitted again (the tenant's only place was given back)."""
     deadline = time.monotonic() + timeout
@@ -150,18 +166,21 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_another_se
         time.sleep(0.2)
     assert "request cancelled (client gone)" in stack.logs()
 
-    # Both workers hold the base and nothing is in flight: the API takes the first by name.
-    first = min(workers, key=lambda p: f"inference-{p.pid}@")
+    # Both workers hold the base: the API takes the least busy as their heartbeats report it, so the one that
+    # serves the stream is found by the request it logged.
+    before = generate_requests(stack)
     stream = client.chat.completions.create(
         model="tiny-llama", messages=QUESTION, max_tokens=450, temperature=0, stream=True
     )
     next(iter(stream))  # the answer has started
+    after = wait_for_change(lambda: generate_requests(stack), before)
+    [serving] = [worker for worker, name in zip(workers, "ab", strict=True) if after[name] > before[name]]
 
     with pytest.raises(openai.RateLimitError) as limited:  # the tenant's one place is taken
         client.chat.completions.create(model="tiny-llama", messages=QUESTION, max_tokens=2)
     assert limited.value.response.headers["Retry-After"] == "1"
 
-    os.killpg(first.pid, signal.SIGKILL)
+    os.killpg(serving.pid, signal.SIGKILL)
     with pytest.raises(openai.APIError) as lost:
         for _ in stream:
             pass
