@@ -19,6 +19,7 @@ from shared.jobs import evaluations, execution, memory, state
 from shared.jobs.datacheck import check_job_data
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job
+from shared.jobs.retention import discard_unrecorded
 from shared.queue import (
     EVALUATE_TASK,
     EXPORT_TASK,
@@ -276,6 +277,7 @@ def get_slots() -> Slots:
 
 def _fail(job_id: str, attempt: int, code: str, message: str, param: str | None) -> None:
     retrying(lambda session: execution.fail_job(session, job_id, attempt, code, message, param), f"failing {job_id}")
+    discard_unrecorded(get_storage(), job_id, attempt)
 
 
 def _requeue(job_id: str, attempt: int, reason: str, code: str) -> None:
@@ -287,3 +289,5 @@ def _requeue(job_id: str, attempt: int, reason: str, code: str) -> None:
             after_commit(session, lambda: dispatch_training(job_id))
 
     retrying(requeue, f"requeueing {job_id}")
+    # a checkpoint whose upload or record the failure interrupted
+    discard_unrecorded(get_storage(), job_id, attempt)

@@ -8,7 +8,7 @@ safe to run in several places at once because each of its writes is a conditiona
    on the job (it is validating right now). A duplicate message is harmless: the claim lets exactly one
    attempt (or one validation) through.
 3. Checkpoints that retention no longer keeps (`shared.jobs.retention`) are collected, a bounded batch per
-   sweep.
+   sweep. A requeued attempt's objects that no row records (uploaded just before its worker died) are deleted.
 """
 
 import functools
@@ -22,7 +22,7 @@ from shared.ids import now
 from shared.jobs import execution, state
 from shared.jobs.dispatch import dispatch_training
 from shared.jobs.models import Job, JobEvent
-from shared.jobs.retention import collect_checkpoints
+from shared.jobs.retention import collect_checkpoints, discard_unrecorded
 from shared.jobs.status import JobStatus
 from shared.queue import TRAIN_TASK, VALIDATE_TASK, publish, waiting_messages
 from shared.settings import Settings, get_settings
@@ -74,6 +74,8 @@ def reap_expired_leases(settings: Settings, report: SweepReport) -> None:
             report.failed.append(job_id)
         if outcome:
             log.warning("%s: attempt %s: worker %s stopped renewing its lease → %s", job_id, attempt, worker, outcome)
+            # what the lost worker had uploaded but not yet recorded when it stopped
+            discard_unrecorded(get_storage(), job_id, attempt)
 
 
 def republish(task: str, job_id: str):

@@ -11,7 +11,11 @@ unusable.
 It is safe beside a running attempt: that attempt only ever adds checkpoints newer than every kept one, so what
 is collected stays older than the newest N. It is safe in several sweepers at once: collected rows are first
 marked not resumable (so no resume offers them), then their objects are deleted (a missing object is fine),
-then the rows; a sweep cut short anywhere leaves rows that the next sweep collects again."""
+then the rows; a sweep cut short anywhere leaves rows that the next sweep collects again.
+
+An attempt that ends without its worker (killed, frozen, storage failing) can leave objects it wrote but never
+recorded: a checkpoint uploaded just before the worker died. `discard_unrecorded` deletes those once the
+attempt no longer owns the job, when the attempt is given up."""
 
 import logging
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from sqlalchemy.orm import Session
 from shared.db import session_scope
 from shared.jobs import state
 from shared.jobs.models import Checkpoint, Job
+from shared.jobs.service import attempt_prefix
 from shared.storage import Storage
 
 log = logging.getLogger("tunequeue.retention")
@@ -124,3 +129,29 @@ def forget(session: Session, collected: list[Collectable]) -> None:
             .where(Job.id == victim.job_id, Job.resume_key == victim.storage_key)
             .values(resume_key=None, resume_sha256=None)
         )
+
+
+def discard_unrecorded(storage: Storage, job_id: str, attempt: int) -> list[str]:
+    """Delete the checkpoints and adapter that `attempt` uploaded but no row records; returns their keys. Only
+    once the attempt has lost the job: it can record nothing more then (`execution.is_current`), so an object
+    without a row now stays without one. The attempt's log is kept. Best effort: a failure is logged."""
+    with session_scope() as session:
+        job = session.execute(
+            select(Job.tenant, Job.status, Job.attempt, Job.adapter_key).where(Job.id == job_id)
+        ).one_or_none()
+        if job is None or (job.status == state.RUNNING and job.attempt == attempt):
+            return []
+        recorded = set(session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id)))
+    recorded.add(job.adapter_key)
+    prefix = attempt_prefix(job.tenant, job_id, attempt)
+    try:
+        keys = storage.list_keys(f"{prefix}/checkpoints/") + storage.list_keys(f"{prefix}/adapter.zip")
+        unrecorded = [key for key in keys if key.removesuffix(".complete") not in recorded]
+        for key in unrecorded:
+            storage.delete(key)
+    except Exception as exc:  # a backend's own errors too (botocore's)
+        log.warning("attempt %d of %s: its unrecorded objects were not deleted: %s", attempt, job_id, exc)
+        return []
+    if unrecorded:
+        log.info("attempt %d of %s: deleted %d unrecorded object(s)", attempt, job_id, len(unrecorded))
+    return unrecorded

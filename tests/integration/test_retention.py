@@ -130,3 +130,38 @@ def test_two_sweepers_at_once_collect_each_checkpoint_once(production):
     for job_id in jobs:
         assert [step for step, _, _ in rows(job_id)] == [6, 5]
         assert stored(job_id) == with_marker("attempt-1/checkpoints/step-6.zip", "attempt-1/checkpoints/step-5.zip")
+
+
+def test_a_lost_attempts_unrecorded_uploads_are_deleted_when_it_is_given_up(production):
+    """A worker killed between uploading a checkpoint and recording it leaves an object no row accounts for.
+    The sweeper that requeues the lost attempt deletes it; a live attempt's uploads in flight are left alone."""
+    from shared.ids import now
+    from shared.jobs.models import Job
+    from shared.jobs.recovery import sweep
+    from shared.jobs.retention import discard_unrecorded
+
+    def upload_without_row(job_id: str, name: str) -> None:
+        for key in with_marker(f"{job_prefix('t', job_id)}{name}"):
+            storage.get_storage().put_bytes(key, b"x")
+
+    lost = add_job("t", state.RUNNING)
+    add_checkpoint(lost, 10)
+    upload_without_row(lost, "attempt-1/checkpoints/step-20.zip")
+    storage.get_storage().put_bytes(f"{job_prefix('t', lost)}attempt-1/adapter.zip", b"A")
+    storage.get_storage().put_bytes(f"{job_prefix('t', lost)}attempt-1/attempt.log", b"log")
+    with db.session_scope() as session:
+        session.get(Job, lost).lease_expires_at = now() - 1
+    live = add_job("t", state.RUNNING, attempt=2)
+    upload_without_row(live, "attempt-1/checkpoints/step-5.zip")  # attempt 1 lost earlier, never swept
+    upload_without_row(live, "attempt-2/checkpoints/step-9.zip")  # attempt 2 is recording it right now
+
+    report = sweep()
+
+    assert report.requeued == [lost]
+    assert stored(lost) == with_marker("attempt-1/checkpoints/step-10.zip") | {"attempt-1/attempt.log"}
+    assert rows(lost) == [(10, "step-10.zip", True)]
+    assert discard_unrecorded(storage.get_storage(), live, 2) == []  # still its attempt: nothing touched
+    assert len(stored(live)) == 4
+    deleted = discard_unrecorded(storage.get_storage(), live, 1)
+    assert sorted(key.rsplit("/", 1)[-1] for key in deleted) == ["step-5.zip", "step-5.zip.complete"]
+    assert stored(live) == with_marker("attempt-2/checkpoints/step-9.zip")
