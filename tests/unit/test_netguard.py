@@ -137,3 +137,13 @@ def test_a_test_whose_process_reached_beyond_loopback_fails(tmp_path):
     assert "1 passed, 1 error" in result.stdout, result.stdout
     assert "network access outside loopback was attempted (and refused)" in result.stdout
     assert "connect ('192.0.2.1', 80) refused; from " in result.stdout, result.stdout  # with the child's stack
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")])
+def test_a_worker_process_stays_off_the_model_hub_unless_its_operator_says_otherwise(given, seen):
+    """bitsandbytes asks the Hugging Face Hub for a CPU kernel when imported on an AVX512-BF16 CPU: every worker
+    process is offline by default (the guard above fails any test whose process tried)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | ({"HF_HUB_OFFLINE": given} if given else {})
+    shown = "import os, worker; print(os.environ['HF_HUB_OFFLINE'])"
+    result = subprocess.run([sys.executable, "-c", shown], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == seen, result.stderr
