@@ -297,8 +297,35 @@ def make_key(tenant: str, admin: bool = False) -> str:
 
 def heldout_evaluation(base: Path, data: Path, adapter: Path | None = None, generate: int = 0) -> dict:
     """Held-out loss and greedy answers from `python -m worker.training.evaluate`, in a child process."""
-    command = [sys.executable, "-m", "worker.training.evaluate", "--base", str(base), "--data", str(data)]
-    command += ["--generate", str(generate)] + (["--adapter", str(adapter)] if adapter is not None else [])
-    result = subprocess.run(command, capture_output=True, text=True)
+    args = ["--base", str(base), "--data", str(data), "--generate", str(generate)]
+    result = python_m("worker.training.evaluate", args + (["--adapter", str(adapter)] if adapter is not None else []))
     assert result.returncode == 0, f"evaluation failed:\n{result.stderr[-3000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+_FORK_SERVER = None
+
+
+def start_python_m(module: str, args: list[str], env: dict[str, str] | None = None):
+    """`python -m module args…` (the recipe, an evaluation, an export) as the worker runs it: forked from a fork
+    server (`worker.runner.warm.ForkServer`) that loaded the recipe's libraries once for the whole test session,
+    with this process's environment and `env`. A `worker.runner.warm.ForkedProcess`: pid, pipes, wait, kill."""
+    global _FORK_SERVER
+    from worker.runner.warm import ForkServer
+
+    if _FORK_SERVER is None or _FORK_SERVER.gone:
+        _FORK_SERVER = ForkServer(sys.executable, dict(os.environ))
+    process = _FORK_SERVER.fork({**os.environ, **(env or {})}, module, tuple(args))
+    process.stdin.close()
+    return process
+
+
+def python_m(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    """`start_python_m`, run to its end: a `subprocess.CompletedProcess` with its stdout and stderr."""
+    process = start_python_m(module, args, env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess([module, *args], process.returncode, stdout, stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import ROOT, chat, write_jsonl
+from tests.support import ROOT, chat, python_m, write_jsonl
 from worker.training.merge import MergeError, Quantisation, merge
 from worker.training.model import attach_lora, compute_dtype, load_base_model
 
@@ -161,11 +161,8 @@ def test_the_export_process_writes_a_loadable_folder_with_its_fidelity(trained, 
     (tmp_path / "cfg.json").write_text(json.dumps(config))
 
     def export(*options: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "worker.training.export", "--config", str(tmp_path / "cfg.json"),
-             "--adapter", str(adapter), "--out", str(tmp_path / "out"), *options],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
-        )  # fmt: skip
+        args = ["--config", str(tmp_path / "cfg.json"), "--adapter", str(adapter), "--out", str(tmp_path / "out")]
+        return python_m("worker.training.export", [*args, *options])
 
     result = export("--dtype", "float16", "--shard-mb", "4")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,10 +205,10 @@ def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     for quantization in ("f16",):
         out = tmp_path / quantization
-        result = subprocess.run(
-            [sys.executable, "-m", "worker.training.export", "--config", str(tmp_path / "cfg.json"), "--adapter",
-             str(adapter), "--out", str(out), "--format", "gguf", "--quantization", quantization],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        result = python_m(
+            "worker.training.export",
+            ["--config", str(tmp_path / "cfg.json"), "--adapter", str(adapter), "--out", str(out),
+             "--format", "gguf", "--quantization", quantization],
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout.splitlines()[-1])["passed"] is True

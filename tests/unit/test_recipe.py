@@ -1,27 +1,24 @@
-"""The recipe run alone (`python -m worker.training`) on a tiny random Llama with real NF4 quantisation."""
+"""The recipe run alone (`python -m worker.training`) on a tiny random Llama with real NF4 quantisation. Each run
+is forked, as the worker's are, from one process that loaded the libraries (`tests.support.python_m`); the one
+that pauses while the model loads starts an interpreter of its own."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from safetensors import safe_open
 
-from tests.support import ROOT, chat, write_jsonl
+from tests.support import ROOT, chat, python_m, start_python_m, write_jsonl
 from worker.training.reporter import parse_line
 
 
 def run_recipe(tmp_path, config: dict, name: str = "out") -> tuple[int, list[dict]]:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    result = python_m("worker.training", ["--config", str(path), "--out", str(tmp_path / name)])
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
     assert events, result.stderr[-3000:]
     return result.returncode, events
@@ -69,11 +66,10 @@ def test_recipe_trains_checkpoints_and_saves_adapter(tmp_path, tiny_model):
     # Made again on demand from the delivered adapter and the job's config: the same held-out share of the
     # training file (seed 3), the same figures and the same prompts.
     made = tmp_path / "again"
-    result = subprocess.run(
-        [sys.executable, "-m", "worker.training.evaluate_job", "--config", str(tmp_path / "out.json"),
-         "--adapter", str(adapter), "--out", str(made)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    result = python_m(
+        "worker.training.evaluate_job",
+        ["--config", str(tmp_path / "out.json"), "--adapter", str(adapter), "--out", str(made)],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1])["summary"].startswith("Evaluation on 1 validation examples")
     original, again = (json.loads((folder / "evaluation.json").read_text()) for folder in (tmp_path / "out", made))
@@ -302,13 +298,8 @@ def paused_run_matches_uninterrupted(tmp_path, model, lora_dropout: float = 0.05
 
     path = tmp_path / "paused.json"
     path.write_text(json.dumps(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / "paused")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-    )
+    process = start_python_m("worker.training", ["--config", str(path), "--out", str(tmp_path / "paused")])
+    threading.Thread(target=process.stderr.read, daemon=True).start()
     first = []
     for line in process.stdout:
         event = parse_line(line)
@@ -357,6 +348,7 @@ def test_the_recipe_checkpoints_when_its_device_needs_it_and_refuses_a_job_that_
     import math
 
     from shared.jobs import memory
+    from worker.training.model import compute_dtype
 
     shape = memory.ModelShape.of(json.loads((tiny_model / "config.json").read_text()))
 
@@ -368,7 +360,7 @@ def test_the_recipe_checkpoints_when_its_device_needs_it_and_refuses_a_job_that_
             lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
             forward_tokens=tokens,
             gradient_checkpointing=checkpointing,
-            dtype_bytes=4,
+            dtype_bytes=compute_dtype().itemsize,  # the recipe's: bf16 on a CPU with AVX512-BF16
             device="cpu",
         )
         return estimate.total * memory.MARGIN / 2**20
@@ -387,11 +379,8 @@ def test_the_recipe_checkpoints_when_its_device_needs_it_and_refuses_a_job_that_
     def run(name: str, slot_mib: int) -> tuple[int, list[dict]]:
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
-        result = subprocess.run(
-            [sys.executable, "-m", "worker.training", "--config", str(path), "--out", str(tmp_path / name)],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
-            env={**os.environ, "TUNEQUEUE_SLOT_MEMORY_MB": str(slot_mib)},
-        )  # fmt: skip
+        args = ["--config", str(path), "--out", str(tmp_path / name)]
+        result = python_m("worker.training", args, env={"TUNEQUEUE_SLOT_MEMORY_MB": str(slot_mib)})
         return result.returncode, [e for e in map(parse_line, result.stdout.splitlines()) if e]
 
     between = math.ceil((need_mib(True, 2048) + need_mib(False, 2048)) / 2)

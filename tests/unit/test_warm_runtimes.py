@@ -181,6 +181,31 @@ def test_a_forked_process_dies_with_its_fork_server():
         pool.close()
 
 
+def test_evaluations_and_exports_are_forked_from_a_loaded_fork_server(monkeypatch, tmp_path):
+    """`start_module` runs `python -m module args…` forked from the fork server once it has loaded (argv, pipes
+    and exit code as a started process has them), and starts it as its own process otherwise."""
+    (tmp_path / "in.json").write_text('{"b": 1, "a": 2}')
+    env = dict(os.environ)
+    started = warm.start_module("json.tool", [str(tmp_path / "in.json")], env)  # no worker runtimes: started
+    assert not isinstance(started, warm.ForkedProcess) and started.wait(timeout=30) == 0
+
+    pool = warm.WarmRuntimes(sys.executable, {"0": Lease("cpu", ["0"]).environment()}, fork=True).start()
+    monkeypatch.setattr(warm, "RUNTIMES", pool)
+    try:
+        wait_for(pool.describe, 120, "the fork server's first ready process")
+        forked = warm.start_module("json.tool", ["--sort-keys", str(tmp_path / "in.json")], env)
+        assert isinstance(forked, warm.ForkedProcess)
+        assert pool.server is not None and int(stat_of(forked.pid)[1]) == pool.server.process.pid
+        out, err = forked.communicate(timeout=30)
+        assert forked.returncode == 0 and json.loads(out) == {"a": 2, "b": 1} and out.index('"a"') < out.index('"b"')
+        failed = warm.start_module("json.tool", [str(tmp_path / "missing.json")], env)
+        assert isinstance(failed, warm.ForkedProcess)
+        out, err = failed.communicate(timeout=30)
+        assert failed.returncode == 2 and "missing.json" in err, err  # argparse's exit, as `python -m` gives it
+    finally:
+        pool.close()
+
+
 def test_ready_processes_are_forked_on_cpu_workers_and_spawned_on_gpu_workers(monkeypatch):
     from shared.settings import Settings
 

@@ -77,6 +77,10 @@ class RecipeProcess(Protocol):
 
     def wait(self, timeout: float | None = None) -> int: ...
 
+    def kill(self) -> None: ...
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]: ...
+
 
 def start_recipe_process(command: list[str], env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(

@@ -1,13 +1,13 @@
 """Makes an evaluation asked for on demand (`shared.jobs.evaluations`) for a claimed job, on one of this worker's
 slots: fetches the base, the job's data and its delivered adapter (each verified against its recorded sha256),
 builds the job's TrainingConfig as its training did, runs `python -m worker.training.evaluate_job` in a child
-process, and stores the result with the job, its JSON among the job's result files. The claim is renewed while
-it runs; whatever happens, the evaluation leaves `running` here (or its lease passes, if this worker dies)."""
+process (forked from the worker's fork server when it has one), and stores the result with the job, its JSON
+among the job's result files. The claim is renewed while it runs; whatever happens, the evaluation leaves
+`running` here (or its lease passes, if this worker dies)."""
 
 import json
 import logging
 import subprocess
-import sys
 import tempfile
 import zipfile
 from functools import partial
@@ -20,11 +20,12 @@ from shared.jobs.models import Job
 from shared.jobs.schemas import JobEvaluation
 from shared.settings import get_settings
 from shared.storage import download_verified, get_storage
-from worker.runner.child import recipe_environment, start_recipe_process
+from worker.runner.child import recipe_environment
 from worker.runner.config import training_config, write_training_config
 from worker.runner.errors import TaskFailed, failure_reason
 from worker.runner.inputs import fetch_base_model, fetch_data, read_job_inputs
 from worker.runner.lease import ClaimRenewal
+from worker.runner.warm import start_module
 from worker.slots import Lease
 
 log = logging.getLogger("tunequeue.worker")
@@ -82,11 +83,9 @@ class EvaluationRun:
 
     def run_child(self, config: Path, adapter: Path, out: Path) -> str:
         """Runs the evaluation's process; returns its one-line summary."""
-        python = self.settings.training_python or sys.executable
-        command = [python, "-m", "worker.training.evaluate_job", "--config", str(config), "--adapter", str(adapter)]
-        process = start_recipe_process(
-            [*command, "--out", str(out)], recipe_environment(self.lease.environment(), None)
-        )
+        args = ["--config", str(config), "--adapter", str(adapter), "--out", str(out)]
+        env = recipe_environment(self.lease.environment(), None)
+        process = start_module("worker.training.evaluate_job", args, env, self.settings.training_python)
         try:
             stdout, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:

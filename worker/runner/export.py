@@ -1,14 +1,13 @@
 """Makes a claimed export (`shared.exports.service`) on one of this worker's slots: fetches the base, the job's
 data and its adapter (each verified against its recorded sha256), builds the job's TrainingConfig as its
-training did, runs `python -m worker.training.export` in a child process (its progress lines become the
-export's `progress`), and stores the folder as one zip only when the export's fidelity is within bounds: a
-failed export leaves no object. Whatever happens, the export leaves `running` here (or its lease passes, if this
-worker dies)."""
+training did, runs `python -m worker.training.export` in a child process (forked from the worker's fork server
+when it has one; its progress lines become the export's `progress`), and stores the folder as one zip only when
+the export's fidelity is within bounds: a failed export leaves no object. Whatever happens, the export leaves
+`running` here (or its lease passes, if this worker dies)."""
 
 import json
 import logging
 import subprocess
-import sys
 import tempfile
 import threading
 import zipfile
@@ -21,11 +20,12 @@ from shared.exports.models import Export
 from shared.jobs.models import Job
 from shared.settings import get_settings
 from shared.storage import download_verified, get_storage, put_verified
-from worker.runner.child import recipe_environment, start_recipe_process
+from worker.runner.child import recipe_environment
 from worker.runner.config import training_config, write_training_config
 from worker.runner.errors import TaskFailed, failure_reason
 from worker.runner.inputs import fetch_base_model, fetch_data, read_job_inputs
 from worker.runner.lease import ClaimRenewal
+from worker.runner.warm import start_module
 from worker.slots import Lease
 
 log = logging.getLogger("tunequeue.worker")
@@ -92,14 +92,14 @@ class ExportRun:
             self.store(tenant, job_id, archive, manifest, result["summary"])
 
     def run_child(self, config: Path, adapter: Path, out: Path, options: dict) -> dict:
-        python = self.settings.training_python or sys.executable
-        command = [python, "-m", "worker.training.export", "--config", str(config), "--adapter", str(adapter),
-                   "--out", str(out), "--format", options["format"], "--base-weights", options["base_weights"],
-                   *(("--dtype", options["dtype"]) if "dtype" in options else ()),
-                   *(("--quantization", options["quantization"]) if "quantization" in options else ()),
-                   "--max-loss-drift", str(options.get("max_loss_drift", self.settings.export_max_loss_drift)),
-                   "--shard-mb", str(self.settings.export_shard_mb)]  # fmt: skip
-        process = start_recipe_process(command, recipe_environment(self.lease.environment(), None))
+        args = ["--config", str(config), "--adapter", str(adapter),
+                "--out", str(out), "--format", options["format"], "--base-weights", options["base_weights"],
+                *(("--dtype", options["dtype"]) if "dtype" in options else ()),
+                *(("--quantization", options["quantization"]) if "quantization" in options else ()),
+                "--max-loss-drift", str(options.get("max_loss_drift", self.settings.export_max_loss_drift)),
+                "--shard-mb", str(self.settings.export_shard_mb)]  # fmt: skip
+        env = recipe_environment(self.lease.environment(), None)
+        process = start_module("worker.training.export", args, env, self.settings.training_python)
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
         def follow() -> None:

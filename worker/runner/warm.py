@@ -59,6 +59,29 @@ class ForkedProcess:
     def poll(self) -> int | None:
         return self.returncode
 
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # it leads its own session
+        except ProcessLookupError:
+            pass
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        """Popen's: `input` written, stdin closed, stdout and stderr read to their end, the process waited for."""
+        if input and not self.stdin.closed:
+            self.stdin.write(input)
+        self.stdin.close()
+        read: dict[str, str] = {}
+        readers = [
+            threading.Thread(target=lambda name=name, stream=stream: read.__setitem__(name, stream.read()), daemon=True)
+            for name, stream in (("out", self.stdout), ("err", self.stderr))
+        ]
+        for reader in readers:
+            reader.start()
+        self.wait(timeout)
+        for reader in readers:
+            reader.join()
+        return read.get("out", ""), read.get("err", "")
+
     def wait(self, timeout: float | None = None) -> int:
         if not self._ended.wait(timeout):
             raise subprocess.TimeoutExpired(f"forked recipe process {self.pid}", timeout or 0)
@@ -98,15 +121,17 @@ class ForkServer:
         self.reader = threading.Thread(target=self._read, name="tunequeue-fork-server", daemon=True)
         self.reader.start()
 
-    def fork(self, env: dict[str, str]) -> ForkedProcess:
-        """A ready process with `env`, once the server has loaded its libraries; OSError if it cannot fork."""
+    def fork(self, env: dict[str, str], module: str | None = None, args: tuple[str, ...] = ()) -> ForkedProcess:
+        """A ready process with `env` (or `python -m module args…`), once the server has loaded its libraries;
+        OSError if it cannot fork."""
         ends = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write) each
         theirs = [ends[0][0], ends[1][1], ends[2][1]]
         try:
             with self.requests:
                 if self.gone:
                     raise OSError("the fork server has ended")
-                socket.send_fds(self.sock, [json.dumps({"env": env}).encode()], theirs)
+                request = {"env": env, **({"module": module, "args": list(args)} if module else {})}
+                socket.send_fds(self.sock, [json.dumps(request).encode()], theirs)
                 try:
                     pid = self.pids.get(timeout=self.LOAD_TIMEOUT_SECONDS)
                 except queue.Empty:  # a late answer would be taken for the next request's: not used again
@@ -302,6 +327,14 @@ class WarmRuntimes:
         process = start_recipe_process(ready_command(self.python), env, stdin=subprocess.PIPE)
         return ReadyProcess(process, slot, code, time.monotonic())
 
+    def loaded_server(self) -> ForkServer | None:
+        """The fork server, if it has loaded its libraries and runs the code on disk now; never starts one (the
+        runtimes' own thread does: the parent-death signal follows the thread that started a process)."""
+        server = self.server
+        if server is None or server.gone or server.loaded_seconds is None:
+            return None
+        return server if server.code == code_fingerprint(self.python) else None
+
     def _fork_server(self) -> ForkServer:
         """The running fork server, or a new one if it ended or loaded other code than is on disk now (the old
         one exits once the jobs of the processes it forked have ended)."""
@@ -338,6 +371,22 @@ def stop_warm_runtimes() -> None:
     if RUNTIMES is not None:
         RUNTIMES.close()
         RUNTIMES = None
+
+
+def start_module(module: str, args: list[str], env: dict[str, str], python: str | None = None) -> RecipeProcess:
+    """`python -m module args…` for an evaluation or an export: forked from the worker's fork server when it has
+    one loaded (the libraries' seconds of importing saved), else started as a process of its own."""
+    runtimes = RUNTIMES
+    server = runtimes.loaded_server() if runtimes is not None and python in (None, runtimes.python) else None
+    if server is not None:
+        try:
+            process = server.fork(env, module, tuple(args))
+        except OSError as exc:
+            log.warning("could not fork %s from the fork server (%s); starting it", module, exc)
+        else:
+            process.stdin.close()
+            return process
+    return start_recipe_process([python or sys.executable, "-m", module, *args], env)
 
 
 def take(lease: Lease | None) -> ReadyProcess | None:

@@ -5,14 +5,19 @@ per job). A forked process is what a started one is: its own session, stdin, std
 worker's, passed over the control socket), the job's environment, one job, and an exit code; it dies with the
 fork server, which dies with the worker (PDEATHSIG), so a lost worker leaves no training behind.
 
+The worker's evaluations and exports (`python -m worker.training.evaluate_job`, `… .export`) are forked the same
+way: the request names the module and its arguments, and the child runs it as `python -m` would.
+
 The control socket (a SOCK_SEQPACKET pair, one JSON object per message) carries, worker to server, {"env": {…}}
-with three file descriptors (the child's stdin, stdout, stderr); server to worker, {"loaded_seconds": s} once,
+(and, for a module, "module" and "args") with three file descriptors (the child's stdin, stdout, stderr); server
+to worker, {"loaded_seconds": s} once,
 then {"pid": p} for each fork in order and {"exit": p, "returncode": c} when one ends (a signal: minus its
 number, as `subprocess` reports it). When the worker closes its end the server forks no more, waits for its
 processes (jobs still training) and exits."""
 
 import json
 import os
+import runpy
 import select
 import socket
 import sys
@@ -59,12 +64,13 @@ def serve(sock: socket.socket, loaded: float) -> int:
         if not message:  # the worker closed its end
             open_ = False
             continue
-        env = json.loads(message)["env"]
+        request = json.loads(message)
+        env, module = request["env"], (request.get("module"), request.get("args", []))
         settled, settling = os.pipe()  # closed by the child once it leads its own session
         pid = os.fork()
         if pid == 0:
             os.close(settled)
-            become_ready_process(sock, fds, env, loaded, settling)
+            become_ready_process(sock, fds, env, loaded, settling, module)
         os.close(settling)
         os.read(settled, 1)  # the worker may signal its process group as soon as it has the pid
         os.close(settled)
@@ -96,10 +102,15 @@ def send(sock: socket.socket, message: dict) -> None:
 
 
 def become_ready_process(
-    sock: socket.socket, fds: list[int], env: dict[str, str], loaded: float, settling: int
+    sock: socket.socket,
+    fds: list[int],
+    env: dict[str, str],
+    loaded: float,
+    settling: int,
+    module: tuple[str | None, list[str]] = (None, []),
 ) -> None:
-    """In the forked child: the ready process's own session, pipes and environment, then `--ready`'s main.
-    Never returns."""
+    """In the forked child: the ready process's own session, pipes and environment, then `--ready`'s main, or
+    the requested module as `python -m module args…` runs it. Never returns."""
     code = 1
     try:
         server = os.getppid()
@@ -118,11 +129,19 @@ def become_ready_process(
         os.environ.update(env)
         os.environ[PARENT_PID_ENV] = str(server)  # it dies with the server, which dies with the worker
         os.environ[FORKED_ENV] = str(loaded)
-        from worker.training.__main__ import main as recipe_main
         from worker.training.ready import retitle
 
-        retitle([sys.orig_argv[0], "-m", "worker.training", READY_FLAG])
-        code = recipe_main([READY_FLAG])
+        name, args = module
+        if name is not None:
+            retitle([sys.orig_argv[0], "-m", name, *args])
+            sys.argv = [name, *args]
+            runpy.run_module(name, run_name="__main__", alter_sys=True)
+            code = 0
+        else:
+            from worker.training.__main__ import main as recipe_main
+
+            retitle([sys.orig_argv[0], "-m", "worker.training", READY_FLAG])
+            code = recipe_main([READY_FLAG])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
