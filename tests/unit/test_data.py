@@ -183,3 +183,29 @@ def test_packing_gives_the_same_loss_as_padding(tiny_model, tokenizer):
         packed = model(**packed_inputs).loss
     assert packed_inputs["input_ids"].numel() < collate(batch, tokenizer.pad_id)["input_ids"].numel()
     assert torch.allclose(padded, packed, atol=1e-4), (padded, packed)
+
+
+def test_rows_are_padded_to_a_few_widths_with_the_same_loss(tiny_model, tokenizer):
+    """Widths in multiples of 64 tokens, so a job's forwards come in a few shapes (the CPU kernels keep each
+    shape's prepared multiplications); the padding is its own unlabelled segment and changes no loss."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.training.data import ROW_MULTIPLE, Collator, collate, collate_packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    batch = [tokenizer.encode(chat("q" * n, "answer " * (n % 5 + 1)), CHAT, 128) for n in (3, 40, 7, 90, 12)]
+    widths = set()
+    for packing in (True, False):
+        for size in range(1, len(batch) + 1):
+            widths.add(Collator(tokenizer.pad_id, packing, torch.device("cpu"))(batch[:size])["input_ids"].shape[1])
+    assert widths and all(width % ROW_MULTIPLE == 0 for width in widths)
+    pad = tokenizer.pad_id
+    pairs = [
+        (collate(batch, pad, ROW_MULTIPLE), collate(batch, pad)),
+        (collate_packed(batch, pad, 128, ROW_MULTIPLE), collate_packed(batch, pad, 128)),
+    ]
+    with torch.no_grad():
+        for padded, exact in pairs:
+            assert padded["input_ids"].shape[1] > exact["input_ids"].shape[1]
+            assert torch.allclose(model(**padded).loss, model(**exact).loss, atol=1e-5)

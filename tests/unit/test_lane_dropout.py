@@ -1,6 +1,7 @@
 """LoRA dropout from 16-bit lanes of 64-bit draws: the drop rate asked for (to 1/65,536), kept values scaled,
 one independent mask per module, the gradient through the same mask, reproducible from the seed, so that
-gradient checkpointing's recomputation draws the same masks; identity in eval mode."""
+gradient checkpointing's recomputation draws the same masks; identity in eval mode. With the dropout moved
+inside LoRA's A projection, the same values and gradients as PEFT's for less kept for the backward."""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from tests.support import tiny_lora
-from worker.training.dropout import LaneDropout, use_lane_dropout
+from worker.training.dropout import DroppedLoraA, LaneDropout, fuse_lora_inputs, use_lane_dropout
 
 N = 512 * 576  # one micro-batch's input to a projection of SmolLM2-135M
 
@@ -52,8 +53,8 @@ def test_eval_mode_and_zero_rate_change_nothing():
     assert torch.equal(LaneDropout(0.0)(x), x)
 
 
-def lora(tiny_model, dropout: float):
-    return tiny_lora(tiny_model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=dropout)
+def lora(tiny_model, dropout: float, dtype=None):
+    return tiny_lora(tiny_model, dtype, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=dropout)
 
 
 def gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -82,3 +83,40 @@ def test_every_lora_dropout_is_replaced_and_checkpointing_recomputes_the_same_ma
     without = lora(tiny_model, 0.0)  # no dropout at all: other gradients, so the masks did act
     assert use_lane_dropout(without) == 0
     assert not all(torch.allclose(a, b) for a, b in zip(gradients(without, ids), plain, strict=True))
+
+
+def saved_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes the autograd graph keeps for the backward of one forward (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(("dtype", "dropout"), [(torch.bfloat16, 0.1), (torch.float32, 0.1), (torch.bfloat16, 0.0)])
+def test_dropout_inside_lora_a_gives_peft_s_gradients_and_keeps_less(tiny_model, dtype, dropout):
+    peft_way, fused = lora(tiny_model, dropout, dtype), lora(tiny_model, dropout, dtype)
+    use_lane_dropout(peft_way), use_lane_dropout(fused)
+    layers = fused.base_model.model.config.num_hidden_layers
+    keys = list(fused.state_dict())
+    assert fuse_lora_inputs(fused) == 4 * layers
+    assert list(fused.state_dict()) == keys  # the same adapter files
+    assert sum(isinstance(m, DroppedLoraA) for m in fused.modules()) == 4 * layers
+    ids = torch.randint(0, fused.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
+    for got, want in zip(gradients(fused, ids), gradients(peft_way, ids), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    fused.eval(), peft_way.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, peft_way(input_ids=ids).logits)
+    dropped_copy = ids.numel() * fused.config.hidden_size * 4  # one float32 input of an adapted module
+    assert saved_bytes(fused, ids) <= saved_bytes(peft_way, ids) - 2 * layers * dropped_copy
+    fused.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for got, want in zip(gradients(fused, ids), gradients(peft_way, ids), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

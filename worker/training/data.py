@@ -112,10 +112,21 @@ def batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int) -> 
     return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
-def collate(batch: list[Encoded], pad_token_id: int):
+# Rows are padded to a multiple of this many tokens. oneDNN (PyTorch's CPU kernels for bf16) keeps every
+# matrix multiplication it has prepared, about 12 MB for each new number of tokens in a forward and backward of
+# a 135M model: with widths that follow the data, a job's memory grew step after step (docs/BENCHMARKS.md).
+# Multiples of 64 bound the shapes it sees (8 up to 512 tokens) for a few percent of padding.
+ROW_MULTIPLE = 64
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def collate(batch: list[Encoded], pad_token_id: int, multiple: int = 1):
     import torch
 
-    width = max(len(example.input_ids) for example in batch)
+    width = round_up(max(len(example.input_ids) for example in batch), multiple)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -143,11 +154,11 @@ def pack_rows(batch: list[Encoded], capacity: int) -> list[list[Encoded]]:
     return rows
 
 
-def collate_packed(batch: list[Encoded], pad_token_id: int, capacity: int):
+def collate_packed(batch: list[Encoded], pad_token_id: int, capacity: int, multiple: int = 1):
     import torch
 
     rows = pack_rows(batch, capacity)
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = round_up(max(sum(len(e.input_ids) for e in row) for row in rows), multiple)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -166,11 +177,13 @@ def collate_packed(batch: list[Encoded], pad_token_id: int, capacity: int):
 
 @dataclasses.dataclass(frozen=True)
 class Collator:
-    """A batch as the model's inputs on its device: packed into rows, or one padded row per example."""
+    """A batch as the model's inputs on its device: packed into rows, or one padded row per example, each row
+    padded to a multiple of `multiple` tokens (padding carries no label and, packed, is a segment of its own)."""
 
     pad_id: int
     packing: bool
     device: "torch.device"
+    multiple: int = ROW_MULTIPLE
 
     @classmethod
     def for_tokenizer(cls, tokenizer: ChatTokenizer, packing: bool, device: "torch.device") -> "Collator":
@@ -183,9 +196,9 @@ class Collator:
             # Rows as long as the longest example: attention cost grows with the square of the row length,
             # so longer rows would trade the padding saved for attention over tokens that are masked anyway.
             longest = max(len(example.input_ids) for example in batch)
-            tensors = collate_packed(batch, self.pad_id, longest)
+            tensors = collate_packed(batch, self.pad_id, longest, self.multiple)
         else:
-            tensors = collate(batch, self.pad_id)
+            tensors = collate(batch, self.pad_id, self.multiple)
         return {name: tensor.to(self.device) for name, tensor in tensors.items()}
 
 

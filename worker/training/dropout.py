@@ -66,3 +66,78 @@ def use_lane_dropout(model) -> int:
                 dropouts[name] = LaneDropout(dropout.p)
                 replaced += 1
     return replaced
+
+
+class DroppedLoraA(torch.nn.Linear):
+    """LoRA's A projection with the adapter's dropout inside it, keeping for the backward only what it cannot
+    recompute: the layer's input as it came (the same tensor for q, k and v), and the boolean mask.
+
+    PEFT casts each adapted module's input to the adapter's float32, drops it, and its A projection keeps that
+    dropped float32 copy for the weight's gradient: three copies of the attention input and one of the output
+    projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the cast, the mask and the
+    scale are applied again in the backward; the values and gradients are the same as PEFT's to the bit.
+    It holds the `weight` PEFT made (same parameter, same state-dict key)."""
+
+    def __init__(self, weight: torch.nn.Parameter, dropout: torch.nn.Module):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = weight
+        self.lane = dropout if isinstance(dropout, LaneDropout) and dropout.threshold > -(LANE_VALUES >> 1) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropping = self.training and self.lane is not None
+        keep = self.lane.keep_mask(x) if dropping else None  # type: ignore[union-attr]
+        return _DroppedLinear.apply(x, keep, self.lane.scale if dropping else 1.0, self.weight)  # type: ignore[union-attr]
+
+
+class _DroppedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, keep, scale: float, weight):  # type: ignore[override]
+        ctx.save_for_backward(x, keep, weight)
+        ctx.scale = scale
+        return torch.nn.functional.linear(_dropped(x, keep, scale, weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            if keep is not None:
+                grad_x = torch.where(keep, grad_x, 0).mul_(ctx.scale)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            dropped = _dropped(x, keep, ctx.scale, weight.dtype)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+        return grad_x, None, None, grad_weight
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, dropped and scaled as PEFT's cast then dropout compute it."""
+    if keep is None:
+        return x.to(dtype)
+    return torch.where(keep, x, 0).to(dtype).mul_(scale)
+
+
+def fuse_lora_inputs(model) -> int:
+    """On a CPU model, gives every LoRA layer a DroppedLoraA (its dropout, LaneDropout or none, moved inside)
+    and lets the layer's input reach it uncast; returns how many adapters it changed."""
+    if next(model.parameters()).device.type != "cpu":
+        return 0
+    fused = 0
+    for module in model.modules():
+        dropouts, projections = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or not isinstance(projections, torch.nn.ModuleDict):
+            continue
+        here = 0
+        for name, projection in projections.items():
+            dropout = dropouts[name]
+            usable = isinstance(dropout, LaneDropout | torch.nn.Identity)
+            if type(projection) is not torch.nn.Linear or projection.bias is not None or not usable:
+                continue
+            projections[name] = DroppedLoraA(projection.weight, dropout)
+            dropouts[name] = torch.nn.Identity()
+            here += 1
+        fused += here
+        if here:
+            module.cast_input_dtype_enabled = False  # PEFT's own switch: the input reaches DroppedLoraA as it came
+    return fused

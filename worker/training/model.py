@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from worker.training.dropout import use_lane_dropout
+from worker.training.dropout import fuse_lora_inputs, use_lane_dropout
 
 
 def compute_dtype() -> torch.dtype:
@@ -158,6 +158,7 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
     )
     model = get_peft_model(model, config)
     use_lane_dropout(model)  # on a CPU: the same dropout with fewer random draws
+    fuse_lora_inputs(model)  # on a CPU: the dropout inside LoRA's A, which keeps the input as it came
     return model
 
 
