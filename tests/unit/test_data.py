@@ -186,8 +186,8 @@ def test_packing_gives_the_same_loss_as_padding(tiny_model, tokenizer):
 
 
 def test_rows_are_padded_to_a_few_widths_with_the_same_loss(tiny_model, tokenizer):
-    """Widths in multiples of 64 tokens, so a job's forwards come in a few shapes (the CPU kernels keep each
-    shape's prepared multiplications); the padding is its own unlabelled segment and changes no loss."""
+    """Widths in multiples of ROW_MULTIPLE (32) tokens, so a job's forwards come in a few shapes (the CPU kernels
+    keep each shape's prepared multiplications); the padding is its own unlabelled segment and changes no loss."""
     from transformers import AutoModelForCausalLM
 
     from worker.training.data import ROW_MULTIPLE, Collator, collate, collate_packed

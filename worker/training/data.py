@@ -115,8 +115,8 @@ def batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int) -> 
 # Rows are padded to a multiple of this many tokens. oneDNN (PyTorch's CPU kernels for bf16) keeps every
 # matrix multiplication it has prepared, about 12 MB for each new number of tokens in a forward and backward of
 # a 135M model: with widths that follow the data, a job's memory grew step after step (docs/BENCHMARKS.md).
-# Multiples of 64 bound the shapes it sees (8 up to 512 tokens) for a few percent of padding.
-ROW_MULTIPLE = 64
+# Multiples of 32 bound the shapes it sees (16 widths up to 512 tokens) for a few percent of padding.
+ROW_MULTIPLE = 32
 
 
 def round_up(length: int, multiple: int) -> int:
