@@ -80,6 +80,36 @@ def test_answers_side_by_side_are_each_models_own(tiny_model, tuned_model):
     assert layers and not any("forward" in vars(layer) for layer in layers)
 
 
+def test_the_output_layer_gets_the_last_position_in_one_piece(tiny_model, tuned_model):
+    """Generation's prefill asks for the last position's logits only, a strided slice of the hidden states, which
+    PyTorch's CPU matmul multiplies by a frozen bf16 weight through a copy of that weight per row. With the hook the
+    recipe and the serving engine put on the output layer, the same logits come without the copies."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from worker.training.model import contiguous_head_input, contiguous_input
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval().requires_grad_(False)
+    weight = model.get_output_embeddings().weight
+    ids = torch.arange(5, 53).reshape(6, 8)
+
+    def prefill() -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+        return logits, max(event.cpu_memory_usage for event in run.events())
+
+    strided, largest_before = prefill()
+    contiguous_head_input(model)
+    logits, largest_after = prefill()
+    weight_bytes = weight.numel() * weight.element_size()
+    assert largest_before >= ids.shape[0] * weight_bytes  # the copies this is for (pinned torch: see the hook)
+    assert largest_after < weight_bytes
+    torch.testing.assert_close(logits, strided, rtol=0, atol=0)
+    # The recipe's models carry it (the serving engine's too: tests/unit/test_inference_engine.py).
+    assert contiguous_input in tuned_model.get_output_embeddings()._forward_pre_hooks.values()
+
+
 def test_improved_compares_the_losses():
     initial = {"valid_loss": 2.5, "valid_mean_token_accuracy": 0.4}
     adapter = {"selection": "best", "step": 6, "valid_loss": 0.5, "valid_mean_token_accuracy": 0.9}

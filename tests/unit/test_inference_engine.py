@@ -10,7 +10,7 @@ import torch
 
 from worker.inference.decoding import Sampling, Sequence
 from worker.inference.engine import AdapterSource, Engine, Request
-from worker.training.model import compute_dtype, quantization_config
+from worker.training.model import compute_dtype, contiguous_input, quantization_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -123,6 +123,8 @@ def test_one_base_copy_serves_two_adapters_and_the_lru_evicts_the_oldest(engine,
     run(engine, request(ids, "ftjob-b"))
     held = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     assert list(engine.bases) == ["tiny-llama"] and list(loaded.adapters) == ["ftjob-a", "ftjob-b"]
+    # Its prefill's strided last position reaches the output layer contiguous (tests/unit/test_comparison.py).
+    assert contiguous_input in loaded.base.get_output_embeddings()._forward_pre_hooks.values()
     assert held - base_bytes < 0.1 * base_bytes  # the second fine-tuned model costs its LoRA matrices only
     run(engine, request(ids, "ftjob-a"))  # a is now the most recently used
     run(engine, request(ids, "ftjob-c"))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from worker.inference.decoding import Sampling, Sequence, choose
-from worker.training.model import compute_dtype, device, quantization_config
+from worker.training.model import compute_dtype, contiguous_head_input, device, quantization_config
 
 log = logging.getLogger("tunequeue.inference")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -66,6 +66,7 @@ class LoadedBase:
             use_safetensors=True,
             trust_remote_code=False,
         ).eval()
+        contiguous_head_input(self.base)
         self.peft: Any = None  # a PeftModel once the first adapter is applied
         self.adapters: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.eos = self._end_tokens()

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from worker.training.dropout import fuse_lora_inputs, use_lane_dropout
+from worker.training.gated_mlp import fuse_gated_mlps
 
 
 def compute_dtype() -> torch.dtype:
@@ -53,7 +54,21 @@ def load_base_model(path: Path, quantization: str = "nf4", quant_storage_compute
     model.config.use_cache = False
     keep_trainable_layout(model)
     norms_in_float32(model)
+    contiguous_head_input(model)
     return model
+
+
+def contiguous_head_input(model) -> None:
+    """The output layer gets its input in one piece. Generation asks for the last position's logits only, a
+    strided slice of the hidden states; PyTorch's CPU matmul multiplies such a 3-D input by a frozen weight as a
+    batched product over the weight expanded per row, which in bf16 it copies (49,152 x 576 for SmolLM2: 324 MiB
+    and ~0.4 s for a prefill of 6 rows, against under 1 MiB and 8 ms contiguous; docs/BENCHMARKS.md).
+    Contiguous inputs pass as they are."""
+    model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
+
+
+def contiguous_input(_module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def is_norm(module) -> bool:
@@ -159,6 +174,7 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
     model = get_peft_model(model, config)
     use_lane_dropout(model)  # on a CPU: the same dropout with fewer random draws
     fuse_lora_inputs(model)  # on a CPU: the dropout inside LoRA's A, which keeps the input as it came
+    fuse_gated_mlps(model)  # on a CPU: SiLU(gate) * up keeping two tensors for the backward, not three
     return model
 
 
