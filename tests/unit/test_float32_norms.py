@@ -41,6 +41,51 @@ def test_norms_hold_float32_weights_and_round_once(tiny_model, bf16):
     assert not torch.equal(out, twice)  # the way a bf16 norm computes: not what the recipe does
 
 
+def kept_bytes(function) -> int:
+    """Bytes of the tensors autograd keeps for the backward of what `function()` computes (each storage once)."""
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(kept.values())
+
+
+def test_the_fused_norm_gives_autograd_s_gradients_and_keeps_the_input_as_it_came(tiny_model, bf16):
+    from worker.training.fused_norm import Float32RMSNorm
+
+    model = recipe_model.load_base_model(tiny_model)
+    norm = norms_of(model)[0]
+    assert type(norm).__name__ == "LlamaRMSNorm" and not norm._forward_pre_hooks  # fused: its class, no hooks
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(norm.weight.shape[0]))
+    hidden = torch.randn(3, 7, weight.shape[0]) * 4
+    upstream = torch.randn_like(hidden)
+
+    def autograd_way(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+    grads = []
+    for compute in (autograd_way, lambda x, w: Float32RMSNorm.apply(x, w, norm.variance_epsilon)):
+        x = hidden.clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        out = compute(x, w)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), x.grad, w.grad))
+    for fused, reference in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+    # Under bf16 it keeps the bf16 input (and a scale per row) where the hooks' way keeps a float32 copy.
+    norm.weight.requires_grad_(False)  # frozen, as under LoRA
+    x16 = hidden.bfloat16().requires_grad_()
+    fused_kept = kept_bytes(lambda: norm(x16))
+    hooked_kept = kept_bytes(lambda: autograd_way(x16.float(), norm.weight).bfloat16())
+    assert fused_kept - norm.weight.nbytes < 0.6 * (hooked_kept - norm.weight.nbytes)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_lora_step_trains_through_float32_norms(tiny_model, bf16, checkpointing):
     model = recipe_model.attach_lora(recipe_model.load_base_model(tiny_model), 8, 16, 0.05, ["q_proj", "v_proj"])

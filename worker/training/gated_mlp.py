@@ -45,8 +45,8 @@ def fuse_gated_mlps(model) -> int:
     fused = 0
     for module in model.modules():
         if type(module).__name__ in GATED_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
-            # The instance's own forward; its hooks stay. (Norms are left alone: the `kernels` package puts back
-            # the class's forward of the layers it may swap for hub kernels, RMSNorm among them, on train().)
+            # The instance's own forward; its hooks stay. (transformers resets the forward of the layers the
+            # `kernels` package may swap, RMSNorm among them, on a change of mode: `fused_norm` swaps their class.)
             module.forward = functools.partial(_forward, module)
             fused += 1
     return fused

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from worker.training import fused_norm
 from worker.training.dropout import fuse_lora_inputs, use_lane_dropout
 from worker.training.gated_mlp import fuse_gated_mlps
 
@@ -97,8 +98,11 @@ def norms_in_float32(model) -> int:
             continue
         for parameter in module.parameters(recurse=False):
             parameter.data = parameter.data.float()
-        module.register_forward_pre_hook(_inputs_in_float32, with_kwargs=True)
-        module.register_forward_hook(_output_in_input_dtype, with_kwargs=True)
+        if fused_norm.can_fuse(module):  # on a CPU: the backward keeps the bf16 input, not a float32 copy
+            fused_norm.fuse_norm(module)
+        else:
+            module.register_forward_pre_hook(_inputs_in_float32, with_kwargs=True)
+            module.register_forward_hook(_output_in_input_dtype, with_kwargs=True)
         changed += 1
     return changed
 
