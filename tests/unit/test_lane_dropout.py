@@ -85,12 +85,13 @@ def test_every_lora_dropout_is_replaced_and_checkpointing_recomputes_the_same_ma
     assert not all(torch.allclose(a, b) for a, b in zip(gradients(without, ids), plain, strict=True))
 
 
-def saved_bytes(model, ids: torch.Tensor) -> int:
-    """Bytes the autograd graph keeps for the backward of one forward (each storage once)."""
+def saved_bytes(model, ids: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """Bytes the autograd graph keeps for the backward of one forward (each storage once; of `dtype` only)."""
     seen: dict[int, int] = {}
 
     def pack(tensor):
-        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if dtype is None or tensor.dtype == dtype:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     model.train()
@@ -117,6 +118,7 @@ def test_dropout_inside_lora_a_gives_peft_s_gradients_and_keeps_less(tiny_model,
         assert torch.equal(fused(input_ids=ids).logits, peft_way(input_ids=ids).logits)
     dropped_copy = ids.numel() * fused.config.hidden_size * 4  # one float32 input of an adapted module
     assert saved_bytes(fused, ids) <= saved_bytes(peft_way, ids) - 2 * layers * dropped_copy
+    assert saved_bytes(fused, ids, torch.bool) == 0  # no masks kept: drawn again in the backward
     fused.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for got, want in zip(gradients(fused, ids), gradients(peft_way, ids), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

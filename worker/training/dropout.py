@@ -28,8 +28,9 @@ class LaneDropout(torch.nn.Module):
             return x
         return _Drop.apply(x, self.keep_mask(x), self.scale)
 
-    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
-        draws = torch.empty((x.numel() + LANES - 1) // LANES, dtype=torch.int64, device=x.device).random_()
+    def keep_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        draws = torch.empty((x.numel() + LANES - 1) // LANES, dtype=torch.int64, device=x.device)
+        draws.random_(generator=generator)
         lanes = draws.view(torch.int16).view(-1, 4)[:, :LANES].reshape(-1)[: x.numel()]
         return (lanes >= self.threshold).view(x.shape)
 
@@ -70,13 +71,15 @@ def use_lane_dropout(model) -> int:
 
 class DroppedLoraA(torch.nn.Linear):
     """LoRA's A projection with the adapter's dropout inside it, keeping for the backward only what it cannot
-    recompute: the layer's input as it came (the same tensor for q, k and v), and the boolean mask.
+    recompute: the layer's input as it came (the same tensor for q, k and v), and the random generator's state
+    its mask was drawn from.
 
     PEFT casts each adapted module's input to the adapter's float32, drops it, and its A projection keeps that
     dropped float32 copy for the weight's gradient: three copies of the attention input and one of the output
-    projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the cast, the mask and the
-    scale are applied again in the backward; the values and gradients are the same as PEFT's to the bit.
-    It holds the `weight` PEFT made (same parameter, same state-dict key)."""
+    projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the mask is drawn again in the
+    backward from the saved state (a generator of its own: the global one's sequence is not disturbed), and the
+    cast, mask and scale applied again; the values and gradients are the same as PEFT's to the bit. It holds the
+    `weight` PEFT made (same parameter, same state-dict key)."""
 
     def __init__(self, weight: torch.nn.Parameter, dropout: torch.nn.Module):
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -84,21 +87,26 @@ class DroppedLoraA(torch.nn.Linear):
         self.lane = dropout if isinstance(dropout, LaneDropout) and dropout.threshold > -(LANE_VALUES >> 1) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropping = self.training and self.lane is not None
-        keep = self.lane.keep_mask(x) if dropping else None  # type: ignore[union-attr]
-        return _DroppedLinear.apply(x, keep, self.lane.scale if dropping else 1.0, self.weight)  # type: ignore[union-attr]
+        if not (self.training and self.lane is not None):
+            return _DroppedLinear.apply(x, None, 1.0, self.weight)
+        return _DroppedLinear.apply(x, self.lane, self.lane.scale, self.weight)
 
 
 class _DroppedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, keep, scale: float, weight):  # type: ignore[override]
-        ctx.save_for_backward(x, keep, weight)
-        ctx.scale = scale
+    def forward(ctx, x, lane: LaneDropout | None, scale: float, weight):  # type: ignore[override]
+        state = torch.default_generator.get_state() if lane is not None else None
+        keep = lane.keep_mask(x) if lane is not None else None
+        ctx.save_for_backward(x, weight)
+        ctx.lane, ctx.state, ctx.scale = lane, state, scale
         return torch.nn.functional.linear(_dropped(x, keep, scale, weight.dtype), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, keep, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        keep = None
+        if ctx.lane is not None:  # the forward's mask, drawn again from the same state
+            keep = ctx.lane.keep_mask(x, torch.Generator().set_state(ctx.state))
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight
