@@ -40,6 +40,16 @@ def test_the_recipe_process_runs_on_jemalloc(monkeypatch):
     maps = "print(open('/proc/self/maps').read())"
     loaded = subprocess.run([sys.executable, "-c", maps], env=env, capture_output=True, text=True, check=True)
     assert "libjemalloc" in loaded.stdout
+    # with its settings read: freed pages go back after 1 s, not jemalloc's default 10 s
+    decay = (
+        "import ctypes; v, n = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t)); "
+        "assert ctypes.CDLL(None).mallctl(b'opt.dirty_decay_ms', ctypes.byref(v), ctypes.byref(n), None, 0) == 0; "
+        "print(v.value)"
+    )
+    read = subprocess.run([sys.executable, "-c", decay], env=env, capture_output=True, text=True, check=True)
+    assert read.stdout.split() == ["1000"]
+    # an operator's own settings are theirs (they reach the process with the rest of the environment)
+    assert "MALLOC_CONF" not in allocator.environment("auto", {"MALLOC_CONF": "dirty_decay_ms:2000"})
     monkeypatch.setenv("TUNEQUEUE_TRAINING_ALLOCATOR", "system")
     get_settings.cache_clear()
     plain = subprocess.run([sys.executable, "-c", maps], env=recipe_environment({}, None), capture_output=True,
