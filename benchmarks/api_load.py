@@ -384,7 +384,7 @@ def print_report(args, results: list[LoadResult], single: dict[str, float]) -> N
     )
     print(
         f"data: {args.jobs:,} jobs and {args.events:,} events on Postgres; load: {args.connections} connections, "
-        f"{args.seconds} s per row\n"
+        f"{args.seconds} s per row, after {args.warmup} s of the same load not counted\n"
     )
     print("| request | req/s | p50 ms | p99 ms | errors | tool |")
     print("|---|---:|---:|---:|---:|---|")
@@ -416,10 +416,16 @@ def measure(args, seeded: Seeded, base: str) -> tuple[list[LoadResult], dict[str
 
 
 def load(args, base: str, target: Target) -> LoadResult:
-    if shutil.which("wrk"):
-        result = run_wrk(base, target, args.seconds, args.connections, args.wrk_threads)
-    else:
-        result = run_python_load(base, target, args.seconds, args.connections)
+    """One row: `--warmup` seconds of the same load, not counted (each process opens its pooled connections,
+    fills its caches and has its statements prepared, as a server that has been polled for a while has), then
+    `--seconds` measured."""
+    for seconds in (args.warmup, args.seconds):
+        if seconds <= 0:
+            continue
+        if shutil.which("wrk"):
+            result = run_wrk(base, target, seconds, args.connections, args.wrk_threads)
+        else:
+            result = run_python_load(base, target, seconds, args.connections)
     print(f"measured {target.name}", file=sys.stderr)
     return result
 
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8, help="connections the load tool keeps open")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads")
     parser.add_argument("--seconds", type=int, default=10, help="seconds of load per request kind")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of the same load before each, not counted")
     parser.add_argument(
         "--only",
         action="append",

@@ -3,6 +3,8 @@ through a session: their bodies must stay byte for byte what the session path re
 and another tenant's job must stay a 404 like a made-up id. Pooled connections are checked only after sitting
 idle: one that broke meanwhile is replaced before a request uses it."""
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -112,6 +114,37 @@ def test_an_event_cursor_of_another_job_is_a_404(client):
     response = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?after={cursor}")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "event_not_found" and response.json()["error"]["param"] == "after"
+
+
+def test_the_polled_reads_execute_their_statements_as_compiled(client):
+    """Each poll executes the statement object SQLAlchemy compiled and cached, not a fresh one built per request:
+    a fresh one has its result columns matched to the cached statement's on every execution, which cost more CPU
+    than the rest of the request (docs/BENCHMARKS.md, API under load)."""
+    from sqlalchemy import event
+
+    from shared.db import get_engine
+
+    job_id = add_job("mine", events=5)
+    seen = []
+
+    def note(connection, cursor, statement, parameters, context, executemany):
+        table = re.search(r"\bFROM (\w+)", statement)
+        if context.compiled is not None and table:
+            seen.append((table.group(1), context.compiled.statement is context.invoked_statement))
+
+    event.listen(get_engine(), "before_cursor_execute", note)
+    try:
+        for _ in range(2):
+            assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
+            first = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=2")
+            assert first.status_code == 200
+            after = first.json()["data"][-1]["id"]
+            assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=2&after={after}").status_code == 200
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", note)
+    reads = [reused for table, reused in seen if table in ("jobs", "job_events")]
+    assert len(reads) >= 2 * 6  # the job; the job then a page; the job, the cursor's position, then a page
+    assert all(reads), seen
 
 
 def test_a_pooled_connection_broken_while_idle_is_replaced_before_use(postgres_url, monkeypatch):
