@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import get_scheduler
 
 from shared.datasets.tokenization import Encoded
 from worker.training import checkpointing
@@ -83,6 +82,8 @@ def learning_rate_schedule(
     runs one step ahead over one step more (`last_epoch=0`), which gives exactly these rates."""
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])  # what a schedule that does not start at -1 scales
+    from transformers import get_scheduler  # here: worker.training.model imports bitsandbytes first
+
     return get_scheduler(
         kind,
         optimizer,

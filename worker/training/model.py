@@ -10,6 +10,32 @@ from worker.training.dropout import fuse_lora_inputs, use_lane_dropout
 from worker.training.gated_mlp import fuse_gated_mlps
 
 
+def import_bitsandbytes() -> None:
+    """Imports bitsandbytes without handing its fallback kernels to `torch.compile`. bitsandbytes wraps a few
+    pure-PyTorch kernels (4-bit and blockwise dequantisation for shapes its native kernels refuse, its 32-bit
+    optimiser) in `torch.compile` when it is imported, which imports TorchInductor: about 1 s and 50 MiB of
+    resident memory in every process that imports it (docs/BENCHMARKS.md), for kernels this recipe never calls
+    on a GPU and only as a fallback on a CPU (odd widths), where they then run eagerly, with the same results.
+    Called when this module is imported, so before PEFT or transformers import bitsandbytes themselves."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = _uncompiled  # type: ignore[assignment]
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
+def _uncompiled(model=None, **options):
+    return model if model is not None else (lambda fn: fn)
+
+
+import_bitsandbytes()
+
+
 def compute_dtype() -> torch.dtype:
     """bf16 where the hardware computes in it (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), float32
     elsewhere: on a CPU without them (an AVX2-only EPYC, say) PyTorch runs bf16 matmuls in a reference kernel,

@@ -61,7 +61,9 @@ class Preloader:
 
 
 def import_recipe() -> None:
-    import bitsandbytes  # noqa: F401
+    from worker.training.model import import_bitsandbytes  # first: bitsandbytes without TorchInductor
+
+    import_bitsandbytes()
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
