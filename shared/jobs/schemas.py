@@ -4,6 +4,7 @@ them. Unknown fields are refused so that a typo ("lora_rank") is an error, not a
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import Row
 
 from shared.jobs import defaults
 from shared.jobs.models import Checkpoint, Job, JobEvent
@@ -238,7 +239,8 @@ class JobEventObject(BaseModel):
     data: dict | None = None
 
     @classmethod
-    def of(cls, event: JobEvent) -> "JobEventObject":
+    def of(cls, event: JobEvent | Row) -> "JobEventObject":
+        """From the ORM object or a row of every column (the polled page reads rows)."""
         return cls(
             # Random, not the row's sequence number: an id tells nothing of how many events exist. Every row has
             # one (the ORM's default; the migration that added the column filled the older rows).

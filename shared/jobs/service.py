@@ -4,7 +4,7 @@ Services flush; the caller commits. Publishing a task is registered to run after
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, cast, exists, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, cast, exists, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -204,16 +204,17 @@ def _check_job(connection: Connection, tenant: str, job_id: str) -> None:
         raise JobNotFound(job_id)
 
 
-def read_events(connection: Connection, tenant: str, job_id: str, *, after: str | None, limit: int) -> list[JobEvent]:
+def read_events(connection: Connection, tenant: str, job_id: str, *, after: str | None, limit: int) -> list[Row]:
     """`get_job` then `list_events`, for the events route: the tenant's job or 404, then one page, each in one
-    SELECT on a plain connection. The events returned belong to no session."""
+    SELECT on a plain connection. The events are the rows as read (every column, by name), not ORM objects:
+    building those was an eighth of the route's CPU, for a page that is only shown."""
     _check_job(connection, tenant, job_id)
     if after:
         seq = _event_seq(connection, Job(id=job_id), after)
         rows = connection.execute(_EVENTS_BEFORE, {"job_id": job_id, "seq": seq, "limit": limit})
     else:
         rows = connection.execute(_EVENTS_NEWEST, {"job_id": job_id, "limit": limit})
-    return [JobEvent(**row._mapping) for row in rows]
+    return list(rows)
 
 
 def event_seq(connection: Connection, tenant: str, job_id: str, event_id: str) -> int:
