@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -123,6 +124,11 @@ def test_a_ready_process_takes_its_jobs_command_line(tmp_path):
     assert retitle(["x" * 10**6]) is False  # more than the room: left as it was
 
 
+def cmdline_of(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline") as cmdline:
+        return cmdline.read().split("\0")
+
+
 def stat_of(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()
@@ -142,7 +148,12 @@ def test_ready_processes_forked_from_the_fork_server(tmp_path):
         pid = ready.process.pid
         assert os.getsid(pid) == pid and int(stat_of(pid)[1]) == server.process.pid  # its own session, the server's
         assert int(stat_of(server.process.pid)[1]) == os.getpid()  # the server is the worker's child
-        assert open(f"/proc/{pid}/cmdline").read().split("\0")[1:4] == ["-m", "worker.training", "--ready"]
+        # The child retitles itself just after the fork, possibly after the server reported its pid: wait for it.
+        title = ["-m", "worker.training", "--ready"]
+        deadline = time.monotonic() + 10
+        while cmdline_of(pid)[1:4] != title and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cmdline_of(pid)[1:4] == title
 
         lines: list[str] = []
         child = RecipeChild("job", tmp_path, lambda report: lines.append(report))
