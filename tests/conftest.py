@@ -239,9 +239,14 @@ def make_stack(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _fresh_settings_caches():
-    """Settings and the clients built from them are cached per process; tests change the environment."""
+    """Settings and the clients built from them are cached per process; tests change the environment. A webhook
+    retry left from a test would otherwise run in the next one, or between them, and cache settings read from
+    that moment's environment."""
     yield
     from shared import db, queue, settings, storage
+    from shared.webhooks.delivery import forget_pending
+
+    assert forget_pending(wait=30), "a webhook attempt was still under way 30 s after its test"
 
     for cached in (settings.get_settings, db.get_engine, db.get_sessionmaker, storage.get_storage, queue.get_celery):
         cached.cache_clear()

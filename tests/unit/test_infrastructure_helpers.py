@@ -103,3 +103,40 @@ def test_a_waiting_retry_holds_no_sender():
     assert order == ["slow", "fast", "slow"], order
     slow = [at for d, at in sent if d == "slow"]
     assert slow[1] - slow[0] >= 0.5
+
+
+def test_a_forgotten_pool_sends_nothing_more_once_the_attempt_under_way_ends():
+    """What a process drops is left pending for the next worker: no retry, no queued delivery runs after
+    `forget`, and `forget` returns only once the attempt under way has ended."""
+    sent: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def attempt(delivery_id: str) -> tuple[str, float]:
+        sent.append(delivery_id)
+        if delivery_id == "under-way":
+            started.set()
+            release.wait(5)
+        return "pending", 0.05  # retried every 50 ms until forgotten
+
+    pool = DeliveryPool(attempt, senders=1)
+    pool.submit("retried")
+    time.sleep(0.2)
+    assert sent.count("retried") >= 2
+    pool.submit("under-way")
+    assert started.wait(5)
+    pool.submit("queued")  # behind the attempt under way: one sender
+    pool.submit_after("scheduled", 0.3)  # waiting for its time
+    assert not pool.forget(wait=0.1)  # the attempt is still under way
+    threading.Timer(0.2, release.set).start()
+    began = time.monotonic()
+    assert pool.forget(wait=5)
+    assert time.monotonic() - began >= 0.15, "returned before the attempt under way ended"
+    before = list(sent)
+    time.sleep(0.3)
+    assert sent == before and "queued" not in sent and "scheduled" not in sent, sent
+    pool.submit("after")  # the pool still sends what it is given next
+    deadline = time.monotonic() + 5
+    while "after" not in sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "after" in sent
+    assert pool.forget(wait=5)
