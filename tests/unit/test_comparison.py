@@ -83,8 +83,8 @@ def test_answers_side_by_side_are_each_models_own(tiny_model, tuned_model):
 def test_the_output_layer_gets_the_last_position_in_one_piece(tiny_model, tuned_model):
     """Generation's prefill asks for the last position's logits only, a strided slice of the hidden states, which
     PyTorch's CPU matmul multiplies by a frozen bf16 weight through a copy of that weight per row (with oneDNN's
-    bf16 kernels). With the hook the
-    recipe and the serving engine put on the output layer, the same logits come without the copies."""
+    bf16 kernels). With the hook the recipe and the serving engine put on the output layer, the same logits come
+    without the copies."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
