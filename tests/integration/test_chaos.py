@@ -272,8 +272,9 @@ def resumed_step(inspector: Inspector, job_id: str, attempt: int) -> int:
 def check_steps_continue(stack, inspector: Inspector, job: dict, resumed_at: int, attempt: int) -> None:
     """The retried attempt picked up at the checkpoint's step: its first metric is past it, and the results
     file has every step exactly once (no restart from step 1, no gap)."""
-    metrics = [e for e in inspector.events(job["id"]) if e["type"] == "metrics" and e["attempt"] == attempt]
-    assert metrics and metrics[0]["data"]["step"] > resumed_at
+    events = inspector.events(job["id"])
+    metrics = [e for e in events if e["type"] == "metrics" and e["attempt"] == attempt]
+    assert metrics and metrics[0]["data"]["step"] > resumed_at, [(e["attempt"], e["message"]) for e in events]
     assert max(m["data"]["step"] for m in metrics) == metrics[0]["data"]["total_steps"]
     csv = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()[1:]
     steps = [int(line.split(",")[0]) for line in csv]
@@ -586,7 +587,9 @@ def test_frozen_worker_loses_its_job_and_changes_nothing(make_stack, chaos_env, 
 
 def test_sigterm_checkpoints_and_requeues(make_stack, chaos_env, tiny_model, tmp_path, inspector):
     with scenario("SIGTERM to the worker") as figures:
-        stack = make_stack(chaos_env, tiny_model)
+        # A drain hands the job back itself: a long lease keeps a busy machine's late renewal from being taken
+        # for a lost worker (which would start a third attempt).
+        stack = make_stack({**chaos_env, "TUNEQUEUE_LEASE_SECONDS": "30"}, tiny_model)
         job_id = submit(stack, tmp_path)
         wait_for(lambda: len(inspector.events(job_id)) and inspector.job(job_id)["progress"], 120, "training to report")
         owner = worker_of(stack, job_id)

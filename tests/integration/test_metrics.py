@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from tests.faults import wait_for
 from tests.scraped import Scrape
 from tests.support import CLI_END, CLI_MANY, ROOT, free_port, key_command
 
@@ -39,6 +40,14 @@ def check_after_one_job(stack, job: dict, *, delivered: int, failed_attempts: in
     assert stack.client.get("/metrics", headers={"Authorization": ""}).status_code == 401
     assert stack.client.get("/metrics", headers={"Authorization": f"Bearer {tenant_key}"}).status_code == 403
 
+    # A worker reports its slots in heartbeats: the one after the job ended frees its slot.
+    wait_for(
+        lambda: all(
+            w["slots"]["free"] == w["slots"]["total"] for w in stack.client.get("/admin/overview").json()["workers"]
+        ),
+        60,
+        "the worker to report its slot free",
+    )
     before = scrape(stack.client, stack.key)
     for _ in range(3):
         assert stack.client.get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 200
