@@ -274,7 +274,9 @@ def check_steps_continue(stack, inspector: Inspector, job: dict, resumed_at: int
     file has every step exactly once (no restart from step 1, no gap)."""
     events = inspector.events(job["id"])
     metrics = [e for e in events if e["type"] == "metrics" and e["attempt"] == attempt]
-    assert metrics and metrics[0]["data"]["step"] > resumed_at, [(e["attempt"], e["message"]) for e in events]
+    assert metrics and metrics[0]["data"]["step"] > resumed_at, "\n".join(
+        f"attempt {e['attempt']}: {e['message']}" for e in events if e["type"] != "metrics"
+    )
     assert max(m["data"]["step"] for m in metrics) == metrics[0]["data"]["total_steps"]
     csv = stack.client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()[1:]
     steps = [int(line.split(",")[0]) for line in csv]
