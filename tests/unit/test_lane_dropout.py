@@ -1,7 +1,8 @@
-"""LoRA dropout from 16-bit lanes of 64-bit draws: the drop rate asked for (to 1/65,536), kept values scaled,
-one independent mask per module, the gradient through the same mask, reproducible from the seed, so that
-gradient checkpointing's recomputation draws the same masks; identity in eval mode. With the dropout moved
-inside LoRA's A projection, the same values and gradients as PEFT's for less kept for the backward."""
+"""LoRA dropout from 16-bit lanes of SplitMix64 values, seeded once per call: the drop rate asked for (to
+1/65,536), kept values scaled, one independent mask per module, the gradient through the same mask,
+reproducible from the seed, so that gradient checkpointing's recomputation draws the same masks; identity in eval
+mode. With the dropout moved inside LoRA's A projection, the same values and gradients as PEFT's for less kept
+for the backward."""
 
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tests.support import tiny_lora
-from worker.training.dropout import DroppedLoraA, LaneDropout, fuse_lora_inputs, use_lane_dropout
+from worker.training.dropout import DroppedLoraA, LaneDropout, fuse_lora_inputs, splitmix64, use_lane_dropout
 
 N = 512 * 576  # one micro-batch's input to a projection of SmolLM2-135M
 
@@ -122,3 +123,32 @@ def test_dropout_inside_lora_a_gives_peft_s_gradients_and_keeps_less(tiny_model,
     fused.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for got, want in zip(gradients(fused, ids), gradients(peft_way, ids), strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def splitmix64_reference(seed: int, n: int) -> list[int]:
+    """SplitMix64 in Python's unbounded integers, reduced modulo 2**64 at each step as its definition says."""
+    mask, state, out = (1 << 64) - 1, seed % (1 << 64), []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, -1, 2**63 - 1, -(2**63), 0x123456789ABCDEF])
+def test_masks_come_from_splitmix64_with_wrapping_integer_arithmetic(seed):
+    got = [value % (1 << 64) for value in splitmix64(seed, 1000).tolist()]
+    assert got == splitmix64_reference(seed, 1000)
+    grown = splitmix64(seed, 70_000)  # beyond the counters kept so far: grown, the same prefix
+    assert [value % (1 << 64) for value in grown[:1000].tolist()] == got
+
+
+def test_a_mask_depends_on_its_seed_and_size_only():
+    dropout = LaneDropout(0.3)
+    x = torch.empty(3, 1001)
+    mask = dropout.keep_mask(x, 42)
+    assert torch.equal(mask, dropout.keep_mask(torch.empty(3003), 42).view(3, 1001))
+    assert not torch.equal(mask, dropout.keep_mask(x, 43))
+    assert abs((~mask).float().mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 3003)

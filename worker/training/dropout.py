@@ -1,15 +1,58 @@
-"""LoRA dropout with fewer random draws on the CPU. PEFT drops the input of every adapted module with its own
-`torch.nn.Dropout`, which draws one random number per element; on a CPU that draw is a seventh of a training
-step (docs/BENCHMARKS.md). Here each 64-bit draw of PyTorch's generator gives three elements their decision,
-from its three low 16-bit lanes (its top lane holds only 15 random bits and is not used): the same
-distribution, one independent mask per module and per step, reproducible from the same seed and resumed with
-the same RNG state, with the drop probability rounded to a multiple of 1/65,536 (0.05 becomes 0.0500031).
-On a GPU, where `torch.nn.Dropout` is one fused kernel, PEFT's modules stay."""
+"""LoRA dropout with cheaper random masks on the CPU. PEFT drops the input of every adapted module with its own
+`torch.nn.Dropout`, which draws one random number per element; on a CPU that draw was a seventh of a training
+step (docs/BENCHMARKS.md). Here a mask is a function of one 64-bit seed, drawn from PyTorch's generator per
+module and per call: element i's decision is a 16-bit lane of SplitMix64's output for counter i // 4 (four
+lanes per 64-bit value), computed with vectorised integer operations on both cores where the generator's draw
+runs on one. The same distribution, one independent mask per module and per step, reproducible from the same
+seed and resumed with the same RNG state; the backward draws the mask again from the seed alone. The drop
+probability is rounded to a multiple of 1/65,536 (0.05 becomes 0.0500031). On a GPU, where `torch.nn.Dropout`
+is one fused kernel, PEFT's modules stay."""
 
 import torch
 
-LANES = 3  # 16-bit lanes used per 64-bit draw
+LANES = 4  # 16-bit lanes per 64-bit value
 LANE_VALUES = 1 << 16
+
+# SplitMix64 (Steele, Lea and Flood, 2014): the golden-ratio increment and the two multipliers of its output
+# function, as signed 64-bit integers (PyTorch's int64 products wrap modulo 2**64, as the algorithm needs).
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter_steps(n: int, device: torch.device) -> torch.Tensor:
+    """i × the increment for i < n (wrapping), kept per device and grown as needed."""
+    kept = _counters.get(device)
+    if kept is None or kept.numel() < n:
+        kept = torch.arange(max(n, 1 << 16), dtype=torch.int64, device=device).mul_(_GAMMA)
+        _counters[device] = kept
+    return kept[:n]
+
+
+def _shift_xor(z: torch.Tensor, bits: int, scratch: torch.Tensor) -> None:
+    """z ^= z >>> bits (a logical shift: PyTorch shifts signed integers arithmetically)."""
+    torch.bitwise_right_shift(z, bits, out=scratch)
+    scratch.bitwise_and_((1 << (64 - bits)) - 1)
+    z.bitwise_xor_(scratch)
+
+
+def splitmix64(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The first n outputs of SplitMix64 seeded with `seed`, as int64 (the bits of the unsigned values)."""
+    start = (seed + _GAMMA) % (1 << 64)  # the state after its first step, as a signed 64-bit integer
+    z = _counter_steps(n, torch.device(device)) + (start - (1 << 64) if start >= 1 << 63 else start)
+    scratch = torch.empty_like(z)
+    _shift_xor(z, 30, scratch)
+    z.mul_(_MIX1)
+    _shift_xor(z, 27, scratch)
+    z.mul_(_MIX2)
+    _shift_xor(z, 31, scratch)
+    return z
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One 64-bit seed from PyTorch's generator (the global one by default)."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
 
 
 class LaneDropout(torch.nn.Module):
@@ -26,13 +69,12 @@ class LaneDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold <= -(LANE_VALUES >> 1):
             return x
-        return _Drop.apply(x, self.keep_mask(x), self.scale)
+        return _Drop.apply(x, self.keep_mask(x, draw_seed()), self.scale)
 
-    def keep_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        draws = torch.empty((x.numel() + LANES - 1) // LANES, dtype=torch.int64, device=x.device)
-        draws.random_(generator=generator)
-        lanes = draws.view(torch.int16).view(-1, 4)[:, :LANES].reshape(-1)[: x.numel()]
-        return (lanes >= self.threshold).view(x.shape)
+    def keep_mask(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """The mask of elements kept, in x's shape: a function of `seed` and x's size only."""
+        values = splitmix64(seed, (x.numel() + LANES - 1) // LANES, x.device)
+        return (values.view(torch.int16)[: x.numel()] >= self.threshold).view(x.shape)
 
     def extra_repr(self) -> str:
         return f"p={self.p} (drops {self.dropped_fraction:.7f})"
@@ -71,14 +113,13 @@ def use_lane_dropout(model) -> int:
 
 class DroppedLoraA(torch.nn.Linear):
     """LoRA's A projection with the adapter's dropout inside it, keeping for the backward only what it cannot
-    recompute: the layer's input as it came (the same tensor for q, k and v), and the random generator's state
-    its mask was drawn from.
+    recompute: the layer's input as it came (the same tensor for q, k and v), and the seed its mask came from.
 
     PEFT casts each adapted module's input to the adapter's float32, drops it, and its A projection keeps that
     dropped float32 copy for the weight's gradient: three copies of the attention input and one of the output
-    projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the mask is drawn again in the
-    backward from the saved state (a generator of its own: the global one's sequence is not disturbed), and the
-    cast, mask and scale applied again; the values and gradients are the same as PEFT's to the bit. It holds the
+    projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the mask is computed again in
+    the backward from the saved seed (the global generator's sequence is not touched), and the cast, mask and
+    scale applied again; the values and gradients are the same as PEFT's to the bit. It holds the
     `weight` PEFT made (same parameter, same state-dict key)."""
 
     def __init__(self, weight: torch.nn.Parameter, dropout: torch.nn.Module):
@@ -95,18 +136,20 @@ class DroppedLoraA(torch.nn.Linear):
 class _DroppedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lane: LaneDropout | None, scale: float, weight):  # type: ignore[override]
-        state = torch.default_generator.get_state() if lane is not None else None
-        keep = lane.keep_mask(x) if lane is not None else None
+        seed, keep = None, None
+        if lane is not None:
+            seed = draw_seed()
+            keep = lane.keep_mask(x, seed)
         ctx.save_for_backward(x, weight)
-        ctx.lane, ctx.state, ctx.scale = lane, state, scale
+        ctx.lane, ctx.seed, ctx.scale = lane, seed, scale
         return torch.nn.functional.linear(_dropped(x, keep, scale, weight.dtype), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         keep = None
-        if ctx.lane is not None:  # the forward's mask, drawn again from the same state
-            keep = ctx.lane.keep_mask(x, torch.Generator().set_state(ctx.state))
+        if ctx.lane is not None:  # the forward's mask, computed again from its seed
+            keep = ctx.lane.keep_mask(x, ctx.seed)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight
