@@ -188,7 +188,7 @@ def test_the_export_process_writes_a_loadable_folder_with_its_fidelity(trained, 
 def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
     """An f16 GGUF written by the export loads with transformers (`gguf_file=`), within the fidelity bound, with
     RoPE's base, the chat template and the special tokens unchanged and an Ollama Modelfile beside it (q8_0: the
-    real stack's test, tests/integration/test_flow.py)."""
+    real stack's test, tests/integration/test_flow.py); and it imports back."""
     import shutil
 
     from gguf import GGUFReader
@@ -229,6 +229,24 @@ def test_a_gguf_export_loads_back_with_its_chat_template(trained, tmp_path):
             modelfile.startswith(f"FROM ./ftjob-test-{quantization}.gguf")
             and 'PARAMETER stop "<|im_end|>"' in modelfile
         )
+
+    # Imported back as the demo's GGUF is (`worker.training.gguf_import`): the file parsed once for the config, the
+    # tokenizer and the weights, the same chat template, and the gguf package as it was afterwards.
+    import gguf
+
+    from worker.training.gguf_import import import_gguf
+
+    parses, reader = [], gguf.GGUFReader
+    counting = lambda *args, **kwargs: parses.append(args) or reader(*args, **kwargs)  # noqa: E731
+    gguf.GGUFReader = counting
+    try:
+        import_gguf(folder / "ftjob-test-f16.gguf", tmp_path / "imported")
+        assert len(parses) == 1 and gguf.GGUFReader is counting
+    finally:
+        gguf.GGUFReader = reader
+    imported = tmp_path / "imported"
+    assert json.loads((imported / "config.json").read_text())["num_hidden_layers"] == model_config["num_hidden_layers"]
+    assert (imported / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
 
 
 def test_only_bases_llama_cpp_reads_as_their_own_tokenizer_are_written_as_gguf(tiny_model, tmp_path):

@@ -5,9 +5,12 @@ Runs in its own process (`python -m worker.training.gguf_import GGUF TARGET`), s
 it never imports torch; each stage is reported on stderr as it starts."""
 
 import argparse
+import contextlib
+import functools
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,12 +25,13 @@ def import_gguf(gguf: Path, target: Path, progress=lambda message: None) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = gguf.resolve()
-    progress("reading the tokenizer and chat template")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    progress("dequantising the weights")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
-    )
+    with parsed_once():
+        progress("reading the tokenizer and chat template")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress("dequantising the weights")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -38,6 +42,23 @@ def import_gguf(gguf: Path, target: Path, progress=lambda message: None) -> None
         shutil.rmtree(target)
     fresh.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
+
+
+@contextlib.contextmanager
+def parsed_once() -> Iterator[None]:
+    """While open, the `gguf` package parses each file once and builds each tensor-name map once. transformers
+    reads the file three times (config, tokenizer, weights), each parse walking the ~100,000 vocabulary and merge
+    strings one at a time, and builds the name map again for each of the model's ~400 modules: 14 of the
+    import's 30 s on an AVX512-BF16 EPYC (docs/BENCHMARKS.md). Both are read-only once built."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(reader)  # type: ignore[misc,assignment]  # keyed by path (and mode)
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> int:
