@@ -48,8 +48,8 @@ def import_gguf(gguf: Path, target: Path, progress=lambda message: None) -> None
 def parsed_once() -> Iterator[None]:
     """While open, the `gguf` package parses each file once and builds each tensor-name map once. transformers
     reads the file three times (config, tokenizer, weights), each parse walking the ~100,000 vocabulary and merge
-    strings one at a time, and builds the name map again for each of the model's ~400 modules: 14 of the
-    import's 30 s on an AVX512-BF16 EPYC (docs/BENCHMARKS.md). Both are read-only once built."""
+    strings one at a time, and builds the name map again for each of the model's ~400 modules: the import
+    takes half the time with each done once (docs/BENCHMARKS.md). Both are read-only once built."""
     import gguf
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
