@@ -184,19 +184,27 @@ class Collator:
     packing: bool
     device: "torch.device"
     multiple: int = ROW_MULTIPLE
+    one_row: bool = False
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: ChatTokenizer, packing: bool, device: "torch.device") -> "Collator":
+    def for_tokenizer(
+        cls, tokenizer: ChatTokenizer, packing: bool, device: "torch.device", one_row: bool = False
+    ) -> "Collator":
+        """`one_row`: packed, the whole batch in one row, for a model that attends to each of a row's examples
+        on its own (`worker.training.packed_attention`)."""
         if tokenizer.pad_id is None:  # ChatTokenizer pads with the end-of-sequence token when there is no pad
             raise ValueError("the base model's tokenizer has neither a pad nor an end-of-sequence token")
-        return cls(tokenizer.pad_id, packing, device)
+        return cls(tokenizer.pad_id, packing, device, one_row=one_row)
 
     def __call__(self, batch: list[Encoded]) -> dict[str, "torch.Tensor"]:
         if self.packing:
-            # Rows as long as the longest example: attention cost grows with the square of the row length,
-            # so longer rows would trade the padding saved for attention over tokens that are masked anyway.
-            longest = max(len(example.input_ids) for example in batch)
-            tensors = collate_packed(batch, self.pad_id, longest, self.multiple)
+            # Rows as long as the longest example where attention covers the whole row, masked: its cost grows
+            # with the square of the row's length, so longer rows would trade the padding saved for attention
+            # over tokens that are masked anyway. Attention example by example has no such cost: one row, with
+            # no padding but the row's rounding.
+            lengths = [len(example.input_ids) for example in batch]
+            capacity = sum(lengths) if self.one_row else max(lengths)
+            tensors = collate_packed(batch, self.pad_id, capacity, self.multiple)
         else:
             tensors = collate(batch, self.pad_id, self.multiple)
         return {name: tensor.to(self.device) for name, tensor in tensors.items()}

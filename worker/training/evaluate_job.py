@@ -33,6 +33,7 @@ def evaluate_job(config: TrainingConfig, adapter_dir: Path) -> dict:
     from shared.datasets.tokenization import ChatTokenizer
     from worker.training.evaluation import validation_metrics
     from worker.training.model import load_adapter_weights
+    from worker.training.packed_attention import per_sequence_attention
     from worker.training.recipe import job_examples, lora_model, seed_everything
 
     started = time.monotonic()
@@ -43,7 +44,7 @@ def evaluate_job(config: TrainingConfig, adapter_dir: Path) -> dict:
     if not valid_set:
         return comparison.build_evaluation({}, {}, adapter, 0, [])
     model = lora_model(config)
-    collate = chat_data.Collator.for_tokenizer(tokenizer, config.packing, model.device)
+    collate = chat_data.Collator.for_tokenizer(tokenizer, config.packing, model.device, per_sequence_attention(model))
     initial = validation_metrics(model, valid_set, config.batch_size, collate)
     load_adapter_weights(model, adapter_dir)
     delivered = validation_metrics(model, valid_set, config.batch_size, collate)

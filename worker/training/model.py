@@ -8,6 +8,7 @@ import torch
 from worker.training import fused_norm
 from worker.training.dropout import fuse_lora_inputs, use_lane_dropout
 from worker.training.gated_mlp import fuse_gated_mlps
+from worker.training.packed_attention import use_packed_attention
 
 
 def import_bitsandbytes() -> None:
@@ -201,6 +202,7 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    use_packed_attention(model)  # on a CPU: each example of a packed row attended to on its own
     model = get_peft_model(model, config)
     use_lane_dropout(model)  # on a CPU: the same dropout with fewer random draws
     fuse_lora_inputs(model)  # on a CPU: the dropout inside LoRA's A, which keeps the input as it came

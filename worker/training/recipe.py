@@ -22,6 +22,7 @@ from worker.training.engine import Collate, LocalEngine, TrainingEngine, steps_i
 from worker.training.evaluation import BestValidation, validation_metrics
 from worker.training.manifest import peak_memory, write_manifest
 from worker.training.model import attach_lora, compute_dtype, device, load_base_model
+from worker.training.packed_attention import per_sequence_attention
 from worker.training.reporter import Reporter
 
 
@@ -46,7 +47,7 @@ def train(config: TrainingConfig, out: Path, reporter: Reporter) -> dict:
     )
     config = config.model_copy(update={"gradient_checkpointing": memory_plan(config, train_set, reporter)})
     model = lora_model(config)
-    collate = chat_data.Collator.for_tokenizer(tokenizer, config.packing, model.device)
+    collate = chat_data.Collator.for_tokenizer(tokenizer, config.packing, model.device, per_sequence_attention(model))
     engine = build_engine(config, model, collate, steps_in_run(len(train_set), config.batch_size, config.n_epochs))
     loop = TrainingLoop(config, engine, collate, train_set, valid_set, reporter, out)
     if config.resume_from is not None:
