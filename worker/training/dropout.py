@@ -118,8 +118,8 @@ class DroppedLoraA(torch.nn.Linear):
     PEFT casts each adapted module's input to the adapter's float32, drops it, and its A projection keeps that
     dropped float32 copy for the weight's gradient: three copies of the attention input and one of the output
     projection's, each twice the size of the bf16 input (docs/BENCHMARKS.md). Here the mask is computed again in
-    the backward from the saved seed (the global generator's sequence is not touched), and the cast, mask and
-    scale applied again; the values and gradients are the same as PEFT's to the bit. It holds the
+    the backward from the saved seed (the backward draws nothing from the global generator), and the cast, mask
+    and scale applied again; the values and gradients are the same as PEFT's to the bit. It holds the
     `weight` PEFT made (same parameter, same state-dict key)."""
 
     def __init__(self, weight: torch.nn.Parameter, dropout: torch.nn.Module):
